@@ -1,0 +1,3 @@
+from e2rnas_tf.cli import run
+
+run()

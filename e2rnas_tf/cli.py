@@ -1,0 +1,159 @@
+"""The ``e2rnas`` command line: ``e2rnas <command> --config=... --workdir=...``.
+
+Commands are thin: they parse flags, resolve the config and call a library
+function. A user error (bad config, genotype, path, data) ends with one
+line on stderr and exit code 2; ``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Config file, configs/<name>.py[:variant]. Fields can be "
+    "overridden with --config.<field>=<value>.", lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for outputs.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "Allow reusing a workdir that holds a different run.")
+_DEBUG = flags.DEFINE_bool("debug", False, "Show tracebacks of user errors.")
+_GENOTYPE = flags.DEFINE_string(
+    "genotype", None, "A published genotype name or a genotype JSON file.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "A training workdir or checkpoint to load.")
+_EXPORT_BASE = flags.DEFINE_string(
+    "export_base", None, "TF Serving model base directory.")
+_MODEL_NAME = flags.DEFINE_string("model_name", "e2rnas", "Served model name.")
+_OUTPUT = flags.DEFINE_string("output", None, "Output file or directory.")
+
+
+@dataclasses.dataclass(frozen=True)
+class Args:
+    """The command-line values a command receives (no global flag reads)."""
+
+    command: str
+    workdir: str | None
+    overwrite: bool
+    genotype: str | None
+    checkpoint: str | None
+    export_base: str | None
+    model_name: str
+    output: str | None
+    extra: tuple[str, ...]
+
+
+# name -> ("module:function", default config factory in config_lib, help).
+COMMANDS = {
+    "info": ("e2rnas_tf.cli:info", "search_config",
+             "Print the supernet, its parameter counts and the dataset."),
+    "search": ("e2rnas_tf.search:main", "search_config",
+               "Run the E2RNAS architecture search."),
+    "train": ("e2rnas_tf.train:main", "train_config",
+              "Retrain a genotype as a deep network."),
+    "evaluate": ("e2rnas_tf.evaluate:main", "train_config",
+                 "Clean and adversarial accuracy of a trained network."),
+    "export": ("e2rnas_tf.export:main", "train_config",
+               "Export a trained network as a TF Serving SavedModel."),
+    "plot": ("e2rnas_tf.plots:main", "search_config",
+             "Draw cell diagrams of a genotype or plots of a run."),
+}
+
+
+class UsageError(ValueError):
+    """The command line itself is wrong."""
+
+
+def _usage():
+    lines = ["usage: e2rnas <command> [--config=configs/X.py] [--workdir=DIR]",
+             "", "commands:"]
+    lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def _resolve(command):
+    target, factory, _ = COMMANDS[command]
+    module_name, function = target.split(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, function), factory
+
+
+def info(config, args):
+    """``e2rnas info``: the supernet and the dataset a config selects."""
+    from e2rnas_tf import data as data_lib
+    from e2rnas_tf import runtime
+    from e2rnas_tf.search_space import SearchNetwork, count_params
+
+    runtime.configure(config)
+    train, test, ds = data_lib.load(config.data)
+    size = ds.image_size
+    net = SearchNetwork(
+        channels=config.model.channels, num_classes=ds.num_classes,
+        layers=config.model.layers, steps=config.model.steps,
+        multiplier=config.model.multiplier,
+        stem_multiplier=config.model.stem_multiplier,
+        primitives=config.model.primitives, mean=ds.mean, std=ds.std)
+    net.build((None, size, size, 3))
+    print(f"dataset      {ds.name}: {ds.num_train} train / {ds.num_test} test, "
+          f"{ds.num_classes} classes, {size}x{size}x3")
+    print(f"supernet     {config.model.layers} cells, C={config.model.channels}"
+          f", {config.model.steps} nodes, {len(config.model.primitives)} ops")
+    for cell in net.cells:
+        kind = "reduce" if cell.reduction else "normal"
+        print(f"  {cell.name:<10} {kind:<7} C={cell.channels:<4} "
+              f"params={count_params(cell.trainable_variables):,}")
+    print(f"weights      {count_params(net.weight_variables):,} parameters")
+    print(f"architecture {count_params(net.arch_variables):,} parameters "
+          f"(alpha_normal, alpha_reduce)")
+    return 0
+
+
+def _main(argv):
+    if len(argv) < 2 or argv[1] in ("help", "-h"):
+        print(_usage())
+        return 0 if len(argv) >= 2 else 2
+    command = argv[1]
+    if command not in COMMANDS:
+        raise UsageError(
+            f"unknown command {command!r}; expected one of {list(COMMANDS)}")
+    function, factory = _resolve(command)
+    config = _CONFIG.value
+    if config is None:
+        from e2rnas_tf import config_lib
+        config = getattr(config_lib, factory)()
+        config.lock()
+    args = Args(command=command, workdir=_WORKDIR.value,
+                overwrite=_OVERWRITE.value, genotype=_GENOTYPE.value,
+                checkpoint=_CHECKPOINT.value, export_base=_EXPORT_BASE.value,
+                model_name=_MODEL_NAME.value, output=_OUTPUT.value,
+                extra=tuple(argv[2:]))
+    return function(config, args) or 0
+
+
+def main(argv):
+    try:
+        return _main(argv)
+    except (ValueError, OSError) as e:
+        # Library code raises ValueError subclasses with complete, specific
+        # messages for every bad input; anything else is a bug and keeps its
+        # traceback.
+        if _DEBUG.value:
+            raise
+        command = argv[1] if len(argv) > 1 else ""
+        message = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
+        print(f"e2rnas {command}: error: {message}".replace("  ", " "),
+              file=sys.stderr)
+        return 2
+
+
+def run():
+    """Console-script entry point."""
+    app.run(lambda argv: sys.exit(main(argv)))
+
+
+if __name__ == "__main__":
+    run()

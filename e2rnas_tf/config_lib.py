@@ -1,0 +1,128 @@
+"""Default configurations: every field, its meaning and its paper value.
+
+The files under ``configs/`` start from these functions and change what
+their setting needs; the CLI selects one with ``--config=configs/X.py`` and
+overrides single fields with ``--config.a.b=value``. Configs are locked, so
+a misspelt field is an error rather than a silently ignored setting.
+"""
+
+from __future__ import annotations
+
+import ml_collections
+
+from e2rnas_tf.ops import PRIMITIVES
+
+
+def data_config(**overrides):
+    """Where images come from and how they are prepared (`e2rnas_tf.data`)."""
+    c = ml_collections.ConfigDict()
+    # embedded | folder | cifar10 | cifar100 | svhn_cropped
+    c.name = "embedded"
+    c.root = ""         # image folder root, for name=folder
+    c.data_dir = ""     # tfds data_dir ('' = tfds default)
+    c.cache_dir = ""    # decoded-array cache for image folders ('' = none)
+    c.image_size = 0    # resize to S x S once, before augmentation; 0 = native
+    c.num_train = 0     # use a seeded subset of the training set; 0 = all
+    c.num_test = 0      # likewise for the test set
+    c.train_portion = 0.5  # search: share of train used for w; rest for alpha
+    c.crop_padding = 4
+    c.flip = True
+    c.cutout = 0        # cutout square side in pixels; 0 = off
+    c.update(overrides)
+    return c
+
+
+def attack_config(**overrides):
+    """An L-inf attack in [0, 1] pixel space; eps in /255 units."""
+    c = ml_collections.ConfigDict()
+    c.name = "fgsm"        # fgsm | pgd
+    c.eps = 2.0            # /255
+    c.step_size = 0.0      # /255; 0 = 1.25 * eps for fgsm, eps / 4 for pgd
+    c.steps = 1            # pgd iterations
+    c.random_start = True  # uniform start in the eps-ball
+    c.update(overrides)
+    return c
+
+
+def runtime_config(c):
+    """Execution fields shared by every command."""
+    c.jit_compile = False          # XLA for the compiled steps
+    # float32 | mixed_bfloat16 (CPU/TPU) | mixed_float16 (GPU, loss scaled)
+    c.mixed_precision = "float32"
+    c.strategy = ml_collections.ConfigDict()
+    c.strategy.name = "default"    # default | mirrored | multi_worker
+    c.strategy.devices = []        # mirrored: device names; [] = all GPUs
+    # Grappler graph optimisation. Off by default: on the CPU it costs more
+    # start-up time than it saves (BENCHMARKS.md).
+    c.graph_optimization = False
+    c.deterministic = False        # TF op determinism + seeded everything
+    c.log_every = 10               # steps between metric lines
+    c.checkpoint_every = 0         # steps between checkpoints; 0 = per epoch
+    c.profile_steps = ""           # "START,END": TF profiler trace
+    return c
+
+
+def search_config():
+    """The paper's CIFAR-10 search setting (Yue et al. 2020, DARTS 2018)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = data_config()
+    c.model = ml_collections.ConfigDict(dict(
+        channels=16, layers=8, steps=4, multiplier=4, stem_multiplier=3,
+        primitives=list(PRIMITIVES)))
+    c.batch_size = 64
+    c.eval_batch_size = 256
+    c.epochs = 50
+    c.steps_per_epoch = 0      # 0 = one pass over the weight-training split
+    # Lower level: network weights.
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=0.025, lr_min=0.001, momentum=0.9, weight_decay=3e-4,
+        grad_clip=5.0))
+    c.adv_train = ml_collections.ConfigDict(dict(enabled=False))
+    c.adv_train.attack = attack_config()
+    # Upper level: architecture.
+    c.arch = ml_collections.ConfigDict(dict(
+        lr=3e-4, beta1=0.5, beta2=0.999, weight_decay=1e-3,
+        order="first",           # first | second (unrolled)
+        unrolled_eps=0.01))      # finite-difference radius, second order
+    c.objectives = ["acc", "adv", "params"]  # any of acc, adv, params, flops
+    c.combine = ml_collections.ConfigDict(dict(
+        method="mgda",           # mgda | sum | fixed
+        normalization="l2",      # none | l2 | loss | loss+
+        weights=[],              # for method=fixed, one per objective
+        apply_to="normalized"))  # normalized | raw gradients
+    c.attack = attack_config()
+    # Resource objectives, in millions (parameters / multiply-adds) of the
+    # derived network at the evaluation scale below.
+    c.resource = ml_collections.ConfigDict(dict(
+        layers=20, channels=36,  # derived network the cost refers to
+        params_target=0.0, params_constraint="none",
+        flops_target=0.0, flops_constraint="none"))  # none|abs|max|floor
+    runtime_config(c)
+    return c
+
+
+def train_config():
+    """The paper's CIFAR-10 retraining setting (DARTS protocol)."""
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.data = data_config(cutout=16)
+    c.genotype = "E2RNAS"      # a published name or a genotype JSON path
+    c.model = ml_collections.ConfigDict(dict(
+        channels=36, layers=20, auxiliary=True, auxiliary_weight=0.4,
+        drop_path=0.2))
+    c.batch_size = 96
+    c.eval_batch_size = 256
+    c.epochs = 600
+    c.steps_per_epoch = 0
+    c.optim = ml_collections.ConfigDict(dict(
+        lr=0.025, lr_min=0.0, momentum=0.9, weight_decay=3e-4,
+        grad_clip=5.0))
+    c.adv_train = ml_collections.ConfigDict(dict(enabled=False, ratio=1.0))
+    c.adv_train.attack = attack_config()
+    c.evaluate = ml_collections.ConfigDict(dict(
+        attacks=["fgsm", "pgd", "mim"], epsilons=[1.0, 2.0, 8.0],
+        pgd_steps=10, step_size=0.0, restarts=1, num_examples=0,
+        batch_size=256))
+    runtime_config(c)
+    return c
