@@ -1,0 +1,394 @@
+"""Export a trained network as a TensorFlow Serving SavedModel.
+
+The export is inference only: the Keras model is traced into two
+signatures and written with `keras.export.ExportArchive`.
+
+- ``serving_default``: ``images`` uint8 ``[N, H, W, 3]`` (raw pixels; scaled
+  to ``[0, 1]`` inside, the network normalises itself).
+- ``serving_float``: ``images`` float32 ``[N, H, W, 3]`` already in
+  ``[0, 1]``.
+
+Both return ``logits`` (float32 ``[N, classes]``), ``probabilities``
+(softmax of the logits) and ``classes`` (int64 ``[N]``, the arg max).
+
+Versions follow the TF Serving layout ``<base>/<model_name>/<version>/``:
+a new export gets the largest existing integer version plus one, is
+written into a hidden temporary directory beside the versions and renamed
+into place only when complete, so a server polling the directory never
+sees a half-written version and an existing version is never replaced.
+``<base>/models.config`` lists every model under the base for
+``tensorflow_model_server --model_config_file``. Extra information
+(genotype, size, accuracies, config, versions) goes to
+``<version>/assets.extra/e2rnas_metadata.json``, where TF Serving keeps
+files it does not read.
+
+Reference:
+    Yue, Lin, Huang, Zhang. E2RNAS. https://arxiv.org/abs/2011.09820
+    TF Serving model configuration:
+    https://www.tensorflow.org/tfx/serving/serving_config
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import re
+import shutil
+import tempfile
+
+__all__ = [
+    "ExportError", "export", "main", "next_version", "update_model_config",
+    "METADATA_PATH", "SERVING_ROOT",
+]
+
+METADATA_PATH = os.path.join("assets.extra", "e2rnas_metadata.json")
+MODEL_CONFIG = "models.config"
+# Where the official docker image mounts the export base (`-v BASE:/models`);
+# models.config must name base paths as the server sees them.
+SERVING_ROOT = "/models"
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class ExportError(ValueError):
+    """The checkpoint, export base or model name cannot be exported."""
+
+
+def _check_model_name(model_name):
+    if (not isinstance(model_name, str) or not model_name
+            or not _NAME_RE.match(model_name)):
+        raise ExportError(
+            "Expected a model name made of letters, digits, '_', '-' and "
+            "'.', without path separators, not starting with '.'. "
+            f"Received: model_name={model_name!r}")
+
+
+def next_version(model_dir):
+    """The next TF Serving version number in `model_dir`.
+
+    Args:
+        model_dir: ``<base>/<model_name>``; may not exist yet.
+
+    Returns:
+        One more than the largest integer-named entry, or 1.
+    """
+    if not os.path.isdir(model_dir):
+        return 1
+    versions = [int(n) for n in os.listdir(model_dir) if n.isdigit()]
+    return max(versions, default=0) + 1
+
+
+def _image_shape(model, image_size):
+    if image_size is not None:
+        if isinstance(image_size, int):
+            return (image_size, image_size)
+        if len(image_size) != 2:
+            raise ExportError(
+                "Expected image_size to be an int or (height, width). "
+                f"Received: image_size={image_size!r}")
+        return tuple(image_size)
+    shape = None
+    try:
+        shape = model.input_shape
+    except (AttributeError, ValueError):
+        # Subclassed models have no input layer; they remember the shape
+        # they were built with.
+        shapes = getattr(model, "_build_shapes_dict", None) or {}
+        shape = next(iter(shapes.values()), None)
+    if shape is None or len(shape) != 4:
+        return (None, None)
+    return tuple(shape[1:3])
+
+
+def _signature_fns(model):
+    import tensorflow as tf
+
+    def outputs(logits):
+        logits = tf.cast(logits, tf.float32)
+        return {
+            "logits": logits,
+            "probabilities": tf.nn.softmax(logits, axis=-1),
+            "classes": tf.argmax(logits, axis=-1, output_type=tf.int64),
+        }
+
+    def serve_uint8(images):
+        # Same scaling as the training pipeline: pixels / 255 in float32.
+        x = tf.cast(images, tf.float32) / 255.0
+        return outputs(model(x, training=False))
+
+    def serve_float(images):
+        return outputs(model(images, training=False))
+
+    return serve_uint8, serve_float
+
+
+def _write_savedmodel(model, path, height, width):
+    import keras
+    import tensorflow as tf
+
+    archive = keras.export.ExportArchive()
+    archive.track(model)
+    serve_uint8, serve_float = _signature_fns(model)
+    archive.add_endpoint(
+        "serving_default", serve_uint8,
+        input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,
+                                       name="images")])
+    archive.add_endpoint(
+        "serving_float", serve_float,
+        input_signature=[tf.TensorSpec([None, height, width, 3], tf.float32,
+                                       name="images")])
+    archive.write_out(path, verbose=False)
+
+
+def _read_model_config(path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    config = model_server_config_pb2.ModelServerConfig()
+    if os.path.exists(path):
+        with open(path) as f:
+            text = f.read()
+        try:
+            text_format.Parse(text, config)
+        except text_format.ParseError as e:
+            raise ExportError(
+                f"{path} is not a valid TF Serving model config: {e}"
+            ) from None
+    return config
+
+
+def update_model_config(export_base, model_name, base_path):
+    """Adds or updates one model in ``<export_base>/models.config``.
+
+    Other models' entries (and their fields, such as version policies)
+    are kept as they are. The file is replaced atomically.
+
+    Args:
+        export_base: directory holding ``models.config``.
+        model_name: the served model name.
+        base_path: the model's directory as the server sees it.
+
+    Returns:
+        The path of the config file.
+    """
+    from google.protobuf import text_format
+
+    path = os.path.join(export_base, MODEL_CONFIG)
+    config = _read_model_config(path)
+    entries = config.model_config_list.config
+    entry = next((c for c in entries if c.name == model_name), None)
+    if entry is None:
+        entry = entries.add()
+        entry.name = model_name
+    entry.base_path = base_path
+    entry.model_platform = "tensorflow"
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(text_format.MessageToString(config))
+    os.replace(tmp, path)
+    return path
+
+
+def _json_default(value):
+    if hasattr(value, "tolist"):
+        return value.tolist()
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    return str(value)
+
+
+def export(model, export_base, model_name, *, metadata=None,
+           image_size=None, serving_root=SERVING_ROOT):
+    """Writes `model` as the next version of a TF Serving model.
+
+    Args:
+        model: a Keras model mapping float32 images in ``[0, 1]``
+            ``[N, H, W, 3]`` to logits (``call(x, training=False)``).
+        export_base: the TF Serving base directory (created if missing).
+        model_name: served name; the directory ``<export_base>/<name>``.
+        metadata: JSON-ready dict stored as
+            ``<version>/assets.extra/e2rnas_metadata.json`` (the version,
+            signatures, export time and library versions are added).
+        image_size: ``int`` or ``(height, width)`` of the signature inputs;
+            default: the shape the model was built with, else any size.
+        serving_root: the export base as the server sees it, used for
+            base paths in ``models.config``; ``None`` writes the absolute
+            local path (for a server running on this machine).
+
+    Returns:
+        The new version directory.
+
+    Example:
+
+    >>> version_dir = export(model, "/tmp/serving", "e2rnas",
+    ...                      metadata={"genotype": g.to_dict()})
+    """
+    import keras
+    import tensorflow as tf
+
+    _check_model_name(model_name)
+    if not isinstance(export_base, (str, os.PathLike)) or not str(export_base):
+        raise ExportError(
+            f"Expected an export base directory. Received: "
+            f"export_base={export_base!r}")
+    export_base = os.path.abspath(os.fspath(export_base))
+    if os.path.exists(export_base) and not os.path.isdir(export_base):
+        raise ExportError(f"Export base {export_base} is not a directory")
+    model_dir = os.path.join(export_base, model_name)
+    try:
+        os.makedirs(model_dir, exist_ok=True)
+        tmp_dir = tempfile.mkdtemp(prefix=".tmp-export-", dir=model_dir)
+    except OSError as e:
+        raise OSError(
+            f"Cannot write to export base {export_base}: {e.strerror}"
+        ) from None
+    height, width = _image_shape(model, image_size)
+    try:
+        _write_savedmodel(model, tmp_dir, height, width)
+        version = next_version(model_dir)
+        info = dict(metadata or {})
+        info.update({
+            "model_name": model_name,
+            "version": version,
+            "image_size": [height, width],
+            "signatures": {
+                "serving_default": "images uint8 [N,H,W,3] 0..255",
+                "serving_float": "images float32 [N,H,W,3] in [0,1]",
+                "outputs": ["logits", "probabilities", "classes"],
+            },
+            "export_time": datetime.datetime.now(
+                datetime.timezone.utc).isoformat(timespec="seconds"),
+            "tensorflow_version": tf.__version__,
+            "keras_version": keras.__version__,
+        })
+        os.makedirs(os.path.join(tmp_dir, "assets.extra"), exist_ok=True)
+        with open(os.path.join(tmp_dir, METADATA_PATH), "w") as f:
+            json.dump(info, f, indent=2, default=_json_default)
+        # Another export may have claimed the number meanwhile; rename
+        # fails rather than replace a non-empty directory, so retry with
+        # the next number, and never replace anything that exists.
+        while True:
+            version_dir = os.path.join(model_dir, str(version))
+            if not os.path.lexists(version_dir):
+                try:
+                    os.rename(tmp_dir, version_dir)
+                    break
+                except OSError:
+                    if not os.path.lexists(version_dir):
+                        raise
+            version = next_version(model_dir)
+            info["version"] = version
+            with open(os.path.join(tmp_dir, METADATA_PATH), "w") as f:
+                json.dump(info, f, indent=2, default=_json_default)
+    except BaseException:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+        raise
+    base_path = (model_dir if serving_root is None
+                 else f"{serving_root.rstrip('/')}/{model_name}")
+    update_model_config(export_base, model_name, base_path)
+    return version_dir
+
+
+def _read_json(path):
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise ExportError(f"{path} is not valid JSON: {e}") from None
+
+
+def resolve_checkpoint(checkpoint):
+    """The ``.keras`` file a ``--checkpoint`` value names.
+
+    Args:
+        checkpoint: a ``.keras`` file, or a training work directory holding
+            ``model_best.keras`` (preferred) or ``model_last.keras``.
+
+    Returns:
+        The path of the model file.
+    """
+    if not checkpoint:
+        raise ExportError(
+            "Expected --checkpoint=<train workdir or .keras file>. "
+            "Received: nothing")
+    if not os.path.exists(checkpoint):
+        raise ExportError(f"Checkpoint {checkpoint} does not exist")
+    if os.path.isdir(checkpoint):
+        for name in ("model_best.keras", "model_last.keras"):
+            path = os.path.join(checkpoint, name)
+            if os.path.isfile(path):
+                return path
+        raise ExportError(
+            f"{checkpoint} holds no model_best.keras or model_last.keras")
+    if not checkpoint.endswith(".keras"):
+        raise ExportError(
+            f"Expected a .keras model file. Received: {checkpoint}")
+    return checkpoint
+
+
+def load_checkpoint(path):
+    """Loads a ``.keras`` file written by ``e2rnas train``."""
+    import keras
+
+    # Importing the modules registers the e2rnas layers with Keras'
+    # serialisation, so load_model can rebuild them.
+    import importlib
+    import importlib.util
+    for module in ("e2rnas_tf.search_space", "e2rnas_tf.model"):
+        if importlib.util.find_spec(module) is not None:
+            importlib.import_module(module)
+
+    try:
+        return keras.saving.load_model(path, compile=False)
+    except (ValueError, OSError, KeyError) as e:
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise ExportError(
+            f"{path} is not a loadable Keras model file: {message}") from None
+
+
+def checkpoint_metadata(model_path, model):
+    """Metadata from the files a training run keeps beside its model.
+
+    Reads ``config.json``, ``genotype.json`` and ``evaluation.json`` if they
+    are in the same directory as `model_path`.
+    """
+    run_dir = os.path.dirname(os.path.abspath(model_path))
+    info = {"checkpoint": os.path.abspath(model_path),
+            "params": int(model.count_params())}
+    genotype = _read_json(os.path.join(run_dir, "genotype.json"))
+    if genotype is not None:
+        info["genotype"] = genotype
+    config = _read_json(os.path.join(run_dir, "config.json"))
+    if config is not None:
+        info["config"] = config
+    evaluation = _read_json(os.path.join(run_dir, "evaluation.json"))
+    if evaluation is not None:
+        info["evaluation"] = evaluation
+        for key in ("params", "flops", "clean_accuracy", "robust_accuracy",
+                    "class_names", "num_classes"):
+            if key in evaluation:
+                info[key] = evaluation[key]
+    return info
+
+
+def main(config, args):
+    """``e2rnas export --checkpoint=... --export_base=... --model_name=...``."""
+    del config  # The run's own config.json travels with the checkpoint.
+    _check_model_name(args.model_name)
+    if not args.export_base:
+        raise ExportError(
+            "Expected --export_base=<TF Serving base directory>. "
+            "Received: nothing")
+    path = resolve_checkpoint(args.checkpoint)
+    model = load_checkpoint(path)
+    metadata = checkpoint_metadata(path, model)
+    version_dir = export(model, args.export_base, args.model_name,
+                         metadata=metadata)
+    print(f"exported {path} -> {version_dir}")
+    print(f"serve: docker run -p 8501:8501 -p 8500:8500 "
+          f"-v {os.path.abspath(args.export_base)}:{SERVING_ROOT} "
+          f"-t tensorflow/serving "
+          f"--model_config_file={SERVING_ROOT}/{MODEL_CONFIG}")
+    return 0

@@ -1,0 +1,236 @@
+"""Tests for e2rnas_tf.export: the SavedModel as TF Serving would load it."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from e2rnas_tf import export as export_lib
+
+SIZE = 8
+CLASSES = 3
+
+
+def _tiny_model(seed=0):
+    """A small model mapping [0, 1] images to logits (stand-in network)."""
+    keras.utils.set_random_seed(seed)
+    model = keras.Sequential([
+        keras.layers.Rescaling(2.0, offset=-1.0),
+        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
+        keras.layers.GlobalAveragePooling2D(),
+        keras.layers.Dense(CLASSES),
+    ])
+    model.build((None, SIZE, SIZE, 3))
+    return model
+
+
+def _images(n=4, seed=1):
+    rng = np.random.RandomState(seed)
+    return rng.randint(0, 256, size=(n, SIZE, SIZE, 3)).astype(np.uint8)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    """One export shared by the loading tests (tracing dominates cost)."""
+    base = tmp_path_factory.mktemp("serving")
+    model = _tiny_model()
+    version_dir = export_lib.export(
+        model, str(base), "tiny", metadata={"genotype": "test"})
+    return model, str(base), version_dir
+
+
+def _reference(model, images_uint8):
+    logits = model(images_uint8.astype(np.float32) / 255.0).numpy()
+    e = np.exp(logits - logits.max(-1, keepdims=True))
+    return logits, e / e.sum(-1, keepdims=True), logits.argmax(-1)
+
+
+def test_layout_metadata_and_model_config(exported):
+    _, base, version_dir = exported
+    assert version_dir == os.path.join(base, "tiny", "1")
+    assert os.path.isfile(os.path.join(version_dir, "saved_model.pb"))
+    assert os.path.isdir(os.path.join(version_dir, "variables"))
+    # No temporary directory is left beside the version.
+    assert sorted(os.listdir(os.path.join(base, "tiny"))) == ["1"]
+    with open(os.path.join(version_dir, export_lib.METADATA_PATH)) as f:
+        meta = json.load(f)
+    assert meta["genotype"] == "test"
+    assert meta["version"] == 1
+    assert meta["image_size"] == [SIZE, SIZE]
+    assert meta["tensorflow_version"] == tf.__version__
+    assert meta["keras_version"] == keras.__version__
+    with open(os.path.join(base, "models.config")) as f:
+        text = f.read()
+    assert "name: \"tiny\"" in text
+    assert "base_path: \"/models/tiny\"" in text
+    assert "model_platform: \"tensorflow\"" in text
+
+
+def test_tf2_load_matches_keras(exported):
+    model, _, version_dir = exported
+    images = _images()
+    logits, probs, classes = _reference(model, images)
+    loaded = tf.saved_model.load(version_dir)
+    assert set(loaded.signatures) == {"serving_default", "serving_float"}
+    out = loaded.signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(out["logits"].numpy(), logits, atol=1e-5)
+    np.testing.assert_allclose(out["probabilities"].numpy(), probs,
+                               atol=1e-5)
+    assert out["classes"].dtype == tf.int64
+    np.testing.assert_array_equal(out["classes"].numpy(), classes)
+    out = loaded.signatures["serving_float"](
+        images=tf.constant(images.astype(np.float32) / 255.0))
+    np.testing.assert_allclose(out["logits"].numpy(), logits, atol=1e-5)
+
+
+def test_tf1_session_loader_matches_keras(exported):
+    """The loading path of tensorflow_model_server (a TF1 session)."""
+    model, _, version_dir = exported
+    images = _images(n=3, seed=2)
+    logits, probs, classes = _reference(model, images)
+    with tf.compat.v1.Session(graph=tf.Graph()) as sess:
+        meta_graph = tf.compat.v1.saved_model.loader.load(
+            sess, ["serve"], version_dir)
+        sig = meta_graph.signature_def["serving_default"]
+        fetches = {k: v.name for k, v in sig.outputs.items()}
+        result = sess.run(fetches,
+                          feed_dict={sig.inputs["images"].name: images})
+        sig_f = meta_graph.signature_def["serving_float"]
+        result_f = sess.run(
+            sig_f.outputs["logits"].name,
+            feed_dict={sig_f.inputs["images"].name:
+                       images.astype(np.float32) / 255.0})
+    np.testing.assert_allclose(result["logits"], logits, atol=1e-5)
+    np.testing.assert_allclose(result["probabilities"], probs, atol=1e-5)
+    np.testing.assert_array_equal(result["classes"], classes)
+    np.testing.assert_allclose(result_f, logits, atol=1e-5)
+
+
+def test_saved_model_cli_shows_signatures(exported):
+    _, _, version_dir = exported
+    cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    if not os.path.exists(cli):
+        pytest.skip("saved_model_cli is not installed next to python")
+    out = subprocess.run(
+        [cli, "show", "--dir", version_dir, "--tag_set", "serve",
+         "--signature_def", "serving_default"],
+        capture_output=True, text=True, check=True).stdout
+    assert "inputs['images']" in out
+    assert "DT_UINT8" in out
+    assert f"(-1, {SIZE}, {SIZE}, 3)" in out
+    for name, dtype, shape in (("logits", "DT_FLOAT", f"(-1, {CLASSES})"),
+                               ("probabilities", "DT_FLOAT",
+                                f"(-1, {CLASSES})"),
+                               ("classes", "DT_INT64", "(-1)")):
+        block = out.split(f"outputs['{name}']")[1].split("name:")[0]
+        assert dtype in block and shape in block, (name, block)
+    out = subprocess.run(
+        [cli, "show", "--dir", version_dir, "--all"],
+        capture_output=True, text=True, check=True).stdout
+    assert "signature_def['serving_float']" in out
+    float_block = out.split("signature_def['serving_float']")[1]
+    assert "DT_FLOAT" in float_block.split("outputs")[0]
+
+
+def test_versions_increment_and_existing_untouched(tmp_path):
+    base = tmp_path / "base"
+    model_dir = base / "tiny"
+    # A version someone else wrote, with a file we can check is untouched.
+    (model_dir / "7").mkdir(parents=True)
+    (model_dir / "7" / "marker").write_text("keep")
+    (model_dir / "not_a_version").mkdir()
+    model = _tiny_model()
+    first = export_lib.export(model, str(base), "tiny")
+    second = export_lib.export(model, str(base), "tiny")
+    assert os.path.basename(first) == "8"
+    assert os.path.basename(second) == "9"
+    assert (model_dir / "7" / "marker").read_text() == "keep"
+    assert sorted(os.listdir(model_dir)) == ["7", "8", "9", "not_a_version"]
+
+
+def test_fresh_base_starts_at_one_then_two(tmp_path):
+    model = _tiny_model()
+    v1 = export_lib.export(model, str(tmp_path), "m")
+    v2 = export_lib.export(model, str(tmp_path), "m")
+    assert [os.path.basename(v) for v in (v1, v2)] == ["1", "2"]
+    assert export_lib.next_version(str(tmp_path / "m")) == 3
+
+
+def test_failure_mid_export_leaves_no_partial_version(tmp_path, monkeypatch):
+    base = tmp_path / "base"
+    model = _tiny_model()
+    export_lib.export(model, str(base), "tiny")
+    before = sorted(os.listdir(base / "tiny"))
+    config_before = (base / "models.config").read_text()
+
+    def failing_write(model, path, height, width):
+        # Half a SavedModel on disk, then a crash.
+        with open(os.path.join(path, "saved_model.pb"), "wb") as f:
+            f.write(b"partial")
+        raise RuntimeError("simulated failure")
+
+    monkeypatch.setattr(export_lib, "_write_savedmodel", failing_write)
+    with pytest.raises(RuntimeError, match="simulated"):
+        export_lib.export(model, str(base), "tiny")
+    assert sorted(os.listdir(base / "tiny")) == before == ["1"]
+    assert (base / "models.config").read_text() == config_before
+
+
+def test_models_config_keeps_other_models(tmp_path):
+    base = tmp_path
+    (base / "models.config").write_text(
+        "model_config_list {\n"
+        "  config {\n"
+        "    name: 'other'\n"
+        "    base_path: '/models/other'\n"
+        "    model_platform: 'tensorflow'\n"
+        "    model_version_policy { specific { versions: 3 } }\n"
+        "  }\n"
+        "}\n")
+    export_lib.update_model_config(str(base), "tiny", "/models/tiny")
+    export_lib.update_model_config(str(base), "tiny", "/models/tiny")
+
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+    config = text_format.Parse(
+        (base / "models.config").read_text(),
+        model_server_config_pb2.ModelServerConfig())
+    entries = {c.name: c for c in config.model_config_list.config}
+    assert sorted(entries) == ["other", "tiny"]
+    assert entries["other"].base_path == "/models/other"
+    assert list(entries["other"].model_version_policy.specific.versions) == [3]
+    assert entries["tiny"].base_path == "/models/tiny"
+    assert entries["tiny"].model_platform == "tensorflow"
+
+
+@pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "a\\b"])
+def test_bad_model_name(tmp_path, name):
+    with pytest.raises(ValueError, match="model name"):
+        export_lib.export(_tiny_model(), str(tmp_path), name)
+
+
+def test_unwritable_export_base(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(OSError):
+        export_lib.export(_tiny_model(), str(blocker / "sub"), "m")
+    with pytest.raises(ValueError, match="not a directory"):
+        export_lib.export(_tiny_model(), str(blocker), "m")
+
+
+def test_checkpoint_errors(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        export_lib.resolve_checkpoint(str(tmp_path / "missing.keras"))
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ValueError, match="Expected a .keras"):
+        export_lib.resolve_checkpoint(str(tmp_path / "notes.txt"))
+    with pytest.raises(ValueError, match="model_best.keras"):
+        export_lib.resolve_checkpoint(str(tmp_path))
+    (tmp_path / "broken.keras").write_text("not a zip")
+    with pytest.raises(ValueError, match="not a loadable"):
+        export_lib.load_checkpoint(str(tmp_path / "broken.keras"))
