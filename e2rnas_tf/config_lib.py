@@ -18,6 +18,7 @@ def data_config(**overrides):
     c = ml_collections.ConfigDict()
     # embedded | folder | cifar10 | cifar100 | svhn_cropped
     c.name = "embedded"
+    c.seed = 0          # seed of the num_train/num_test subsets
     c.root = ""         # image folder root, for name=folder
     c.data_dir = ""     # tfds data_dir ('' = tfds default)
     c.cache_dir = ""    # decoded-array cache for image folders ('' = none)
