@@ -296,15 +296,14 @@ class SearchNetwork(keras.Model):
             c_prev_prev, c_prev = c_prev, self.multiplier * c_curr
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
         shape = (num_edges(self.steps), len(self.primitives))
-        init = keras.initializers.RandomNormal(stddev=1e-3, seed=alpha_seed)
         # float32 whatever the dtype policy: alpha, its softmax and the
         # architecture objectives are never computed in reduced precision.
         self.alpha_normal = self.add_weight(
-            shape=shape, initializer=init, name="alpha_normal",
-            dtype="float32", autocast=False)
+            shape=shape, initializer=_alpha_initializer(alpha_seed, 0),
+            name="alpha_normal", dtype="float32", autocast=False)
         self.alpha_reduce = self.add_weight(
-            shape=shape, initializer=init, name="alpha_reduce",
-            dtype="float32", autocast=False)
+            shape=shape, initializer=_alpha_initializer(alpha_seed, 1),
+            name="alpha_reduce", dtype="float32", autocast=False)
 
     def build(self, input_shape):
         shape = self.normalize.compute_output_shape(input_shape)
@@ -364,6 +363,14 @@ class SearchNetwork(keras.Model):
             "std": list(self.normalize.std),
             "alpha_seed": self.alpha_seed,
         }
+
+
+def _alpha_initializer(seed, index):
+    # One initialiser per alpha: a Keras initialiser returns the same tensor
+    # on every call (seeded or not), so sharing one would start the normal
+    # and the reduction cell from identical alphas.
+    seed = None if seed is None else int(seed) + index
+    return keras.initializers.RandomNormal(stddev=1e-3, seed=seed)
 
 
 def count_params(variables):
