@@ -109,18 +109,29 @@ def train_config():
     c.seed = 0
     c.data = data_config(cutout=16)
     c.genotype = "E2RNAS"      # a published name or a genotype JSON path
+    # drop_path: final drop-path rate; it rises linearly from 0 (epoch 0)
+    # towards it, as in DARTS. auxiliary_weight: weight of the auxiliary
+    # head's cross-entropy (the head is dropped at inference).
     c.model = ml_collections.ConfigDict(dict(
         channels=36, layers=20, auxiliary=True, auxiliary_weight=0.4,
         drop_path=0.2))
-    c.batch_size = 96
+    c.batch_size = 96          # global batch, split across replicas
     c.eval_batch_size = 256
     c.epochs = 600
-    c.steps_per_epoch = 0
+    c.steps_per_epoch = 0      # 0 = one pass over the training set
+    # SGD with momentum; lr follows a per-epoch cosine from lr to lr_min;
+    # weight_decay is L2 added to the (clipped) gradient, as torch SGD.
     c.optim = ml_collections.ConfigDict(dict(
         lr=0.025, lr_min=0.0, momentum=0.9, weight_decay=3e-4,
         grad_clip=5.0))
+    # Adversarial training: the first round(ratio * batch) examples of each
+    # batch are replaced by adversarial examples made by `attack` against
+    # the current weights (ratio=1: pure adversarial training, e.g. "fast
+    # AT" with fgsm + random start; ratio=0.5: equal clean and adversarial
+    # loss, as Goodfellow et al.'s mixed objective).
     c.adv_train = ml_collections.ConfigDict(dict(enabled=False, ratio=1.0))
-    c.adv_train.attack = attack_config()
+    c.adv_train.attack = attack_config(name="fgsm", eps=8.0,
+                                       random_start=True)
     c.evaluate = ml_collections.ConfigDict(dict(
         attacks=["fgsm", "pgd", "mim"], epsilons=[1.0, 2.0, 8.0],
         pgd_steps=10, step_size=0.0, restarts=1, num_examples=0,

@@ -1,0 +1,227 @@
+"""Tests for e2rnas_tf.train: schedules, the compiled step, `e2rnas train`."""
+
+import json
+import math
+import os
+import pathlib
+import subprocess
+import sys
+
+import keras
+import ml_collections
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from e2rnas_tf import config_lib
+from e2rnas_tf import data as data_lib
+from e2rnas_tf import genotypes
+from e2rnas_tf import model as model_lib
+from e2rnas_tf import train as train_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+TINY_CONFIG = '''
+from e2rnas_tf import config_lib
+
+
+def get_config():
+    c = config_lib.train_config()
+    c.genotype = "DARTS_V2"
+    c.data.image_size = 8
+    c.data.num_train = 64
+    c.data.num_test = 20
+    c.data.cutout = 4
+    c.model.layers = 3
+    c.model.channels = 4
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.epochs = 2
+    c.steps_per_epoch = 2
+    c.lock()
+    return c
+'''
+
+
+def test_cosine_lr():
+    assert train_lib.cosine_lr(0, 600, 0.025) == pytest.approx(0.025)
+    assert train_lib.cosine_lr(300, 600, 0.025) == pytest.approx(0.0125)
+    assert train_lib.cosine_lr(600, 600, 0.025, 0.001) == pytest.approx(0.001)
+    lrs = [train_lib.cosine_lr(e, 10, 0.1) for e in range(10)]
+    assert all(a > b for a, b in zip(lrs, lrs[1:]))
+    assert lrs[3] == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.3)))
+
+
+def test_drop_path_schedule():
+    assert train_lib.drop_path_at(0, 600, 0.2) == 0.0
+    assert train_lib.drop_path_at(300, 600, 0.2) == pytest.approx(0.1)
+    assert train_lib.drop_path_at(599, 600, 0.2) < 0.2
+
+
+def _step_config(**adv):
+    c = config_lib.train_config()
+    c.batch_size = 8
+    c.model.auxiliary_weight = 0.4
+    c.optim.lr = 0.05
+    c.optim.momentum = 0.0
+    c.optim.weight_decay = 0.01
+    c.optim.grad_clip = 0.5
+    c.adv_train.update(adv)
+    return c
+
+
+def _tiny_net():
+    net = model_lib.DerivedNetwork("E2RNAS", channels=4, layers=3,
+                                   num_classes=5, auxiliary=True)
+    net.build((None, 8, 8, 3))
+    return net
+
+
+def test_train_step_matches_clipped_l2_sgd():
+    """One compiled step = SGD on clip(grad, 0.5) + wd * w, from a
+    reference gradient computed independently with a tape."""
+    config = _step_config()
+    net = _tiny_net()
+    strategy = tf.distribute.get_strategy()
+    optimizer = keras.optimizers.SGD(learning_rate=config.optim.lr,
+                                     momentum=0.0)
+    images = tf.random.stateless_uniform([8, 8, 8, 3], seed=[0, 1])
+    labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2])
+    weights = [v.numpy().copy() for v in net.trainable_variables]
+
+    with tf.GradientTape() as tape:
+        logits, aux = net.call_with_aux(images, training=True)
+        ce = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels, logits))
+        aux_ce = tf.reduce_mean(
+            tf.nn.sparse_softmax_cross_entropy_with_logits(labels, aux))
+        loss = ce + 0.4 * aux_ce
+    grads = [g.numpy() for g in tape.gradient(loss,
+                                              net.trainable_variables)]
+    norm = math.sqrt(sum(float(np.sum(g * g)) for g in grads))
+    factor = min(1.0, 0.5 / norm)
+    expected = [w - 0.05 * (g * factor + 0.01 * w)
+                for w, g in zip(weights, grads)]
+
+    step = train_lib.make_train_step(net, optimizer, strategy, config)
+    out = step(images, labels, tf.constant(0, tf.int64))
+    assert set(out) == {"loss", "ce", "aux_ce", "accuracy", "grad_norm",
+                        "loss_scale"}
+    assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-5)
+    assert float(out["grad_norm"]) == pytest.approx(norm, rel=1e-4)
+    assert norm > 0.5  # the clip was active
+    for v, e in zip(net.trainable_variables, expected):
+        np.testing.assert_allclose(v.numpy(), e, rtol=1e-4, atol=1e-6)
+
+
+def test_adversarial_train_step_runs_and_changes_weights():
+    config = _step_config(enabled=True, ratio=0.5)
+    config.adv_train.attack.update(name="pgd", eps=8.0, steps=2)
+    net = _tiny_net()
+    optimizer = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
+    step = train_lib.make_train_step(
+        net, optimizer, tf.distribute.get_strategy(), config)
+    images = tf.random.stateless_uniform([8, 8, 8, 3], seed=[0, 2])
+    labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2])
+    before = [v.numpy().copy() for v in net.trainable_variables]
+    out = step(images, labels, tf.constant(3, tf.int64))
+    assert np.isfinite(float(out["loss"]))
+    assert any(not np.array_equal(b, v.numpy())
+               for b, v in zip(before, net.trainable_variables))
+
+
+def _run(workdir, config_path, *extra):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="2",
+               PYTHONPATH=str(REPO))
+    return subprocess.run(
+        [sys.executable, "-m", "e2rnas_tf", "train",
+         f"--config={config_path}", f"--workdir={workdir}", *extra],
+        capture_output=True, text=True, env=env, cwd=str(REPO), timeout=300)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    config_path = root / "tiny.py"
+    config_path.write_text(TINY_CONFIG)
+    workdir = root / "run"
+    result = _run(workdir, config_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return workdir, config_path, result
+
+
+def test_cli_train_writes_the_run(tiny_run):
+    workdir, config_path, result = tiny_run
+    for name in ("config.json", "genotype.json", "metrics.jsonl",
+                 "model_last.keras", "model_best.keras", "summary.json"):
+        assert (workdir / name).is_file(), name
+    assert list((workdir / "checkpoints").glob("ckpt-4.index"))
+    assert list((workdir / "tb").glob("events.out.tfevents.*"))
+    assert "best test accuracy" in result.stdout
+
+    config = json.loads((workdir / "config.json").read_text())
+    assert config["epochs"] == 2 and config["model"]["layers"] == 3
+    assert genotypes.Genotype.load(workdir / "genotype.json") == \
+        genotypes.PUBLISHED["DARTS_V2"]
+
+    records = [json.loads(line) for line in
+               (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    assert [r["step"] for r in records] == [2, 4]
+    assert [r["lr"] for r in records] == pytest.approx([0.025, 0.0125])
+    assert [r["drop_path_rate"] for r in records] == pytest.approx([0, 0.1])
+    for r in records:
+        assert np.isfinite(r["train_loss"]) and r["train_aux_ce"] > 0
+        assert 0.0 <= r["test_accuracy"] <= 1.0
+    best = max(r["test_accuracy"] for r in records)
+    assert records[-1]["best_test_accuracy"] == pytest.approx(best)
+
+    # The saved model reproduces the logged test accuracy on the same data.
+    model = keras.models.load_model(workdir / "model_last.keras")
+    assert isinstance(model, model_lib.DerivedNetwork)
+    assert float(model.drop_path_rate.numpy()) == pytest.approx(0.1)
+    data_cfg = ml_collections.ConfigDict(config["data"])
+    _, test, _ = data_lib.load(data_cfg)
+    logits = model(tf.constant(test.images, tf.float32) / 255.0)
+    accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
+    assert accuracy == pytest.approx(records[-1]["test_accuracy"])
+
+    summary = json.loads((workdir / "summary.json").read_text())
+    assert summary["params"] == model_lib.count_params(model)
+    assert summary["steps"] == 4
+
+
+def test_cli_train_refuses_a_different_run(tiny_run):
+    workdir, config_path, _ = tiny_run
+    before = (workdir / "metrics.jsonl").read_text()
+    result = _run(workdir, config_path, "--config.optim.lr=0.1")
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("e2rnas train: error: Workdir")
+    assert "--overwrite" in lines[-1]
+    assert (workdir / "metrics.jsonl").read_text() == before
+    # A different genotype is a different run too.
+    result = _run(workdir, config_path, "--genotype=E2RNAS")
+    assert result.returncode == 2
+
+
+def test_cli_train_overwrite_and_resume(tiny_run, tmp_path):
+    _, config_path, _ = tiny_run
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    assert _run(workdir, config_path).returncode == 2
+    result = _run(workdir, config_path, "--overwrite",
+                  "--config.steps_per_epoch=1", "--genotype=E2RNAS")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert genotypes.Genotype.load(workdir / "genotype.json") == \
+        genotypes.PUBLISHED["E2RNAS"]
+    records = (workdir / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["step"] for r in records] == [1, 2]
+    # The same run again resumes from its checkpoint: nothing left to do.
+    result = _run(workdir, config_path, "--config.steps_per_epoch=1",
+                  "--genotype=E2RNAS")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "already complete" in result.stdout
+    assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
