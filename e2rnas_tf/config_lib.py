@@ -132,9 +132,13 @@ def train_config():
     c.adv_train = ml_collections.ConfigDict(dict(enabled=False, ratio=1.0))
     c.adv_train.attack = attack_config(name="fgsm", eps=8.0,
                                        random_start=True)
+    # `e2rnas evaluate`: cleverhans L-inf attacks (fgsm | pgd | bim | mim),
+    # eps and step_size in /255 (step 0 = eps / 4); PGD restarts from
+    # random starts count an example robust only if it survives all;
+    # num_examples > 0 evaluates a seeded subset of the test split.
     c.evaluate = ml_collections.ConfigDict(dict(
         attacks=["fgsm", "pgd", "mim"], epsilons=[1.0, 2.0, 8.0],
-        pgd_steps=10, step_size=0.0, restarts=1, num_examples=0,
-        batch_size=256))
+        pgd_steps=10, step_size=0.0, restarts=1, random_start=True,
+        num_examples=0, batch_size=256))
     runtime_config(c)
     return c
