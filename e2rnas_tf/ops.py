@@ -189,6 +189,9 @@ class Identity(keras.layers.Layer):
     def call(self, inputs):
         return tf.identity(inputs)
 
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class ReLUConvBN(_ConvKernels):
