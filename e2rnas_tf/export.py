@@ -348,28 +348,61 @@ def load_checkpoint(path):
             f"{path} is not a loadable Keras model file: {message}") from None
 
 
+def _count_params(model):
+    try:
+        from e2rnas_tf import model as model_lib
+    except ImportError:
+        model_lib = None
+    if model_lib is not None and isinstance(model, model_lib.DerivedNetwork):
+        # As reported in papers: without the training-only auxiliary head.
+        return model_lib.count_params(model)
+    return int(sum(int(v.numpy().size) for v in model.trainable_variables))
+
+
 def checkpoint_metadata(model_path, model):
     """Metadata from the files a training run keeps beside its model.
 
-    Reads ``config.json``, ``genotype.json`` and ``evaluation.json`` if they
-    are in the same directory as `model_path`.
+    Reads, if present in the directory of `model_path`: ``config.json``
+    (stored as ``config``), ``genotype.json`` (``genotype``; else the
+    model's own genotype), ``summary.json`` from ``e2rnas train``
+    (``summary``) and ``evaluation.json`` from ``e2rnas evaluate``
+    (``evaluation``). The headline figures ``params``, ``flops``,
+    ``clean_accuracy``, ``robust_accuracy`` and ``class_names`` are lifted
+    to the top level from evaluation (first) or summary (``macs`` counts
+    as ``flops``, ``best_accuracy`` as ``clean_accuracy``).
+
+    Returns:
+        A JSON-ready dict.
     """
     run_dir = os.path.dirname(os.path.abspath(model_path))
-    info = {"checkpoint": os.path.abspath(model_path),
-            "params": int(model.count_params())}
-    genotype = _read_json(os.path.join(run_dir, "genotype.json"))
-    if genotype is not None:
-        info["genotype"] = genotype
-    config = _read_json(os.path.join(run_dir, "config.json"))
-    if config is not None:
-        info["config"] = config
-    evaluation = _read_json(os.path.join(run_dir, "evaluation.json"))
-    if evaluation is not None:
-        info["evaluation"] = evaluation
-        for key in ("params", "flops", "clean_accuracy", "robust_accuracy",
-                    "class_names", "num_classes"):
-            if key in evaluation:
-                info[key] = evaluation[key]
+    info = {"checkpoint": os.path.abspath(model_path)}
+    sources = {}
+    for name in ("config", "genotype", "summary", "evaluation"):
+        value = _read_json(os.path.join(run_dir, f"{name}.json"))
+        if value is not None:
+            info[name] = value
+            sources[name] = value
+    if "genotype" not in info and hasattr(model, "genotype"):
+        info["genotype"] = model.genotype.to_dict()
+    aliases = {
+        "params": ("params",),
+        "flops": ("flops", "macs"),
+        "clean_accuracy": ("clean_accuracy", "best_accuracy"),
+        "robust_accuracy": ("robust_accuracy",),
+        "class_names": ("class_names",),
+        "num_classes": ("num_classes",),
+    }
+    for key, names in aliases.items():
+        for source in ("evaluation", "summary"):
+            record = sources.get(source)
+            if not isinstance(record, dict):
+                continue
+            value = next((record[n] for n in names if n in record), None)
+            if value is not None:
+                info[key] = value
+                break
+    if "params" not in info:
+        info["params"] = _count_params(model)
     return info
 
 

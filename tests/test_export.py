@@ -10,22 +10,24 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from e2rnas_tf import cli
 from e2rnas_tf import export as export_lib
+from e2rnas_tf import genotypes
+from e2rnas_tf import model as model_lib
 
 SIZE = 8
 CLASSES = 3
 
 
 def _tiny_model(seed=0):
-    """A small model mapping [0, 1] images to logits (stand-in network)."""
+    """A tiny DerivedNetwork: [0, 1] images -> logits, normalised inside."""
     keras.utils.set_random_seed(seed)
-    model = keras.Sequential([
-        keras.layers.Rescaling(2.0, offset=-1.0),
-        keras.layers.Conv2D(4, 3, padding="same", activation="relu"),
-        keras.layers.GlobalAveragePooling2D(),
-        keras.layers.Dense(CLASSES),
-    ])
+    model = model_lib.DerivedNetwork(
+        "DARTS_V2", channels=4, num_classes=CLASSES, layers=3,
+        auxiliary=True, mean=(0.5, 0.4, 0.3), std=(0.2, 0.25, 0.3))
     model.build((None, SIZE, SIZE, 3))
+    # Non-trivial batch-norm statistics, so inference mode matters.
+    model(tf.random.uniform([8, SIZE, SIZE, 3], seed=seed), training=True)
     return model
 
 
@@ -35,10 +37,16 @@ def _images(n=4, seed=1):
 
 
 @pytest.fixture(scope="module")
-def exported(tmp_path_factory):
+def tiny():
+    """One model shared by the tests that do not depend on its weights."""
+    return _tiny_model()
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, tiny):
     """One export shared by the loading tests (tracing dominates cost)."""
     base = tmp_path_factory.mktemp("serving")
-    model = _tiny_model()
+    model = tiny
     version_dir = export_lib.export(
         model, str(base), "tiny", metadata={"genotype": "test"})
     return model, str(base), version_dir
@@ -137,14 +145,14 @@ def test_saved_model_cli_shows_signatures(exported):
     assert "DT_FLOAT" in float_block.split("outputs")[0]
 
 
-def test_versions_increment_and_existing_untouched(tmp_path):
+def test_versions_increment_and_existing_untouched(tmp_path, tiny):
     base = tmp_path / "base"
     model_dir = base / "tiny"
     # A version someone else wrote, with a file we can check is untouched.
     (model_dir / "7").mkdir(parents=True)
     (model_dir / "7" / "marker").write_text("keep")
     (model_dir / "not_a_version").mkdir()
-    model = _tiny_model()
+    model = tiny
     first = export_lib.export(model, str(base), "tiny")
     second = export_lib.export(model, str(base), "tiny")
     assert os.path.basename(first) == "8"
@@ -153,17 +161,17 @@ def test_versions_increment_and_existing_untouched(tmp_path):
     assert sorted(os.listdir(model_dir)) == ["7", "8", "9", "not_a_version"]
 
 
-def test_fresh_base_starts_at_one_then_two(tmp_path):
-    model = _tiny_model()
+def test_fresh_base_starts_at_one_then_two(tmp_path, tiny):
+    model = tiny
     v1 = export_lib.export(model, str(tmp_path), "m")
     v2 = export_lib.export(model, str(tmp_path), "m")
     assert [os.path.basename(v) for v in (v1, v2)] == ["1", "2"]
     assert export_lib.next_version(str(tmp_path / "m")) == 3
 
 
-def test_failure_mid_export_leaves_no_partial_version(tmp_path, monkeypatch):
+def test_failure_mid_export_leaves_no_partial_version(tmp_path, tiny, monkeypatch):
     base = tmp_path / "base"
-    model = _tiny_model()
+    model = tiny
     export_lib.export(model, str(base), "tiny")
     before = sorted(os.listdir(base / "tiny"))
     config_before = (base / "models.config").read_text()
@@ -209,18 +217,18 @@ def test_models_config_keeps_other_models(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["", "a/b", "../x", ".hidden", "a\\b"])
-def test_bad_model_name(tmp_path, name):
+def test_bad_model_name(tmp_path, tiny, name):
     with pytest.raises(ValueError, match="model name"):
-        export_lib.export(_tiny_model(), str(tmp_path), name)
+        export_lib.export(tiny, str(tmp_path), name)
 
 
-def test_unwritable_export_base(tmp_path):
+def test_unwritable_export_base(tmp_path, tiny):
     blocker = tmp_path / "file"
     blocker.write_text("x")
     with pytest.raises(OSError):
-        export_lib.export(_tiny_model(), str(blocker / "sub"), "m")
+        export_lib.export(tiny, str(blocker / "sub"), "m")
     with pytest.raises(ValueError, match="not a directory"):
-        export_lib.export(_tiny_model(), str(blocker), "m")
+        export_lib.export(tiny, str(blocker), "m")
 
 
 def test_checkpoint_errors(tmp_path):
@@ -234,3 +242,66 @@ def test_checkpoint_errors(tmp_path):
     (tmp_path / "broken.keras").write_text("not a zip")
     with pytest.raises(ValueError, match="not a loadable"):
         export_lib.load_checkpoint(str(tmp_path / "broken.keras"))
+
+
+def _args(**kw):
+    base = dict(command="export", workdir=None, overwrite=False,
+                genotype=None, checkpoint=None, export_base=None,
+                model_name="e2rnas", output=None, extra=())
+    base.update(kw)
+    return cli.Args(**base)
+
+
+def test_main_exports_a_training_workdir(tmp_path, capsys):
+    run = tmp_path / "train_run"
+    run.mkdir()
+    model = _tiny_model(seed=3)
+    model.save(str(run / "model_best.keras"))
+    genotypes.PUBLISHED["DARTS_V2"].save(str(run / "genotype.json"))
+    (run / "config.json").write_text(json.dumps({"seed": 0, "epochs": 1}))
+    (run / "summary.json").write_text(json.dumps(
+        {"params": 1234, "macs": 5678, "best_accuracy": 0.5}))
+    (run / "evaluation.json").write_text(json.dumps(
+        {"clean_accuracy": 0.6, "robust_accuracy": {"fgsm@2": 0.3}}))
+    base = tmp_path / "serving"
+    code = export_lib.main(None, _args(checkpoint=str(run),
+                                       export_base=str(base),
+                                       model_name="cifar"))
+    assert code == 0
+    assert "docker run" in capsys.readouterr().out
+    version_dir = base / "cifar" / "1"
+    meta = json.loads((version_dir / export_lib.METADATA_PATH).read_text())
+    assert meta["genotype"] == genotypes.PUBLISHED["DARTS_V2"].to_dict()
+    assert meta["config"] == {"seed": 0, "epochs": 1}
+    assert meta["params"] == 1234 and meta["flops"] == 5678
+    # evaluation.json wins over summary.json for the accuracy.
+    assert meta["clean_accuracy"] == 0.6
+    assert meta["robust_accuracy"] == {"fgsm@2": 0.3}
+    assert meta["checkpoint"] == str(run / "model_best.keras")
+    # The export of the reloaded checkpoint computes what the model did.
+    images = _images(n=2, seed=5)
+    logits, _, _ = _reference(model, images)
+    loaded = tf.saved_model.load(str(version_dir))
+    out = loaded.signatures["serving_default"](images=tf.constant(images))
+    np.testing.assert_allclose(out["logits"].numpy(), logits, atol=1e-5)
+
+
+def test_params_without_run_files_exclude_aux_head(tmp_path, tiny):
+    model = tiny
+    path = tmp_path / "m.keras"
+    meta = export_lib.checkpoint_metadata(str(path), model)
+    assert meta["params"] == model_lib.count_params(model)
+    assert meta["params"] < sum(int(np.prod(v.shape))
+                                for v in model.trainable_variables)
+    assert meta["genotype"] == model.genotype.to_dict()
+
+
+def test_main_errors(tmp_path):
+    with pytest.raises(ValueError, match="--export_base"):
+        export_lib.main(None, _args(checkpoint=str(tmp_path)))
+    with pytest.raises(ValueError, match="--checkpoint"):
+        export_lib.main(None, _args(export_base=str(tmp_path)))
+    with pytest.raises(ValueError, match="model name"):
+        export_lib.main(None, _args(checkpoint=str(tmp_path),
+                                    export_base=str(tmp_path),
+                                    model_name="a/b"))
