@@ -317,8 +317,11 @@ class Pool(keras.layers.Layer):
             pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
             return pool(inputs, 3, 1, "SAME")
         if self.kind == "max":
-            return tf.nn.max_pool2d(
-                inputs, 3, 2, [[0, 0], [1, 1], [1, 1], [0, 0]])
+            # Pad with the lowest value (what padding means for a max) rather
+            # than use explicit pooling padding, which XLA does not support.
+            padded = tf.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]],
+                            constant_values=inputs.dtype.min)
+            return tf.nn.max_pool2d(padded, 3, 2, "VALID")
         # Sum over the padded window, divided by the number of real pixels,
         # which depends only on the (static) spatial size.
         height, width = inputs.shape[1], inputs.shape[2]
