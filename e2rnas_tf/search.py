@@ -1,0 +1,381 @@
+"""The E2RNAS search run: ``e2rnas search`` and `search(config, workdir)`.
+
+A run trains the supernet (weights ``w`` on one half of the training set,
+architecture ``alpha`` on the other, see `search_step.SearchStep`) and
+writes into its work directory:
+
+- ``config.json``: the resolved config;
+- ``metrics.jsonl``: one line per step (every objective, its MGDA weight,
+  the learning rates, skipped steps) and one per epoch (``"kind": "epoch"``:
+  supernet accuracy, derived genotype and its parameter count);
+- ``genotypes/epoch_NNN.json`` and the final ``genotype.json``;
+- ``alpha_history.npz``: ``alpha_normal`` / ``alpha_reduce``
+  ``[epochs, edges, ops]`` snapshots at the end of each epoch;
+- ``checkpoints/``: `tf.train.Checkpoint` of the network (weights and
+  alphas), both optimizers and the step/epoch counters;
+- ``tb/``: TensorBoard scalars.
+
+A work directory that holds the same config resumes from its last
+checkpoint; one that holds a different config is refused unless
+``--overwrite``.
+
+Reference:
+    Yue, Lin, Huang, Zhang. Effective, Efficient and Robust Neural
+    Architecture Search. https://arxiv.org/abs/2011.09820
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+import numpy as np
+import tensorflow as tf
+
+from e2rnas_tf import data as data_lib
+from e2rnas_tf import genotypes
+from e2rnas_tf import objectives as obj_lib
+from e2rnas_tf import runtime
+from e2rnas_tf import search_step as step_lib
+from e2rnas_tf.search_space import SearchNetwork
+from e2rnas_tf.search_space import count_params
+
+EVAL_SPLITS = ("test", "valid")
+
+
+class WorkdirError(ValueError):
+    """The work directory holds a different run (or cannot be used)."""
+
+
+def _config_json(config):
+    return config.to_json_best_effort(sort_keys=True, indent=2) + "\n"
+
+
+def prepare_workdir(workdir, config, overwrite=False):
+    """Creates ``workdir`` or checks that it belongs to this run.
+
+    Args:
+        workdir: the run directory.
+        config: the resolved config.
+        overwrite: reuse a directory whose ``config.json`` differs (its files
+            are overwritten as the new run writes them; nothing is deleted).
+
+    Returns:
+        True if the directory holds this very config (the run resumes).
+    """
+    if not workdir:
+        raise WorkdirError("Expected --workdir=DIR. Received: no workdir")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
+    path = os.path.join(workdir, "config.json")
+    text = _config_json(config)
+    same = False
+    if os.path.exists(path):
+        with open(path) as f:
+            same = f.read() == text
+        if not same and not overwrite:
+            raise WorkdirError(
+                f"{workdir} holds a run with a different config.json; "
+                "pass --overwrite to reuse it or choose another --workdir")
+    os.makedirs(os.path.join(workdir, "genotypes"), exist_ok=True)
+    with open(path, "w") as f:
+        f.write(text)
+    return same
+
+
+def build_network(config, info):
+    """The supernet of ``config.model`` for a data set, built."""
+    m = config.model
+    net = SearchNetwork(
+        channels=m.channels, num_classes=info.num_classes, layers=m.layers,
+        steps=m.steps, multiplier=m.multiplier,
+        stem_multiplier=m.stem_multiplier, primitives=m.primitives,
+        mean=info.mean, std=info.std, alpha_seed=int(config.seed))
+    net.build((None, info.image_size, info.image_size, 3))
+    return net
+
+
+def derive_genotype(network, config):
+    """The DARTS-rule genotype of the supernet's current softmaxed alphas."""
+    w_normal, w_reduce = network.op_weights()
+    return genotypes.derive(w_normal.numpy(), w_reduce.numpy(),
+                            config.model.primitives, config.model.multiplier)
+
+
+def genotype_params(genotype, table, primitives):
+    """Parameters (millions) of a genotype's derived network for ``table``."""
+    w_normal, w_reduce = obj_lib.genotype_weights(genotype, primitives)
+    return float(obj_lib.expected_cost(w_normal, w_reduce, table))
+
+
+def make_eval_step(network, batch_size):
+    """A compiled supernet evaluation (inference-mode BN) on padded batches.
+
+    Every batch has ``batch_size`` rows (the last one padded and masked),
+    so the function is traced once.
+    """
+    def step(images, labels, mask):
+        logits = network(images, training=False)
+        hits = tf.cast(tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                                labels), tf.float32)
+        ce = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=labels, logits=logits)
+        return tf.reduce_sum(hits * mask), tf.reduce_sum(ce * mask)
+
+    compiled = tf.function(step, autograph=False)
+
+    def evaluate(split):
+        correct = loss = 0.0
+        n = len(split)
+        for start in range(0, n, batch_size):
+            x = split.images[start:start + batch_size]
+            y = split.labels[start:start + batch_size]
+            mask = np.ones(batch_size, np.float32)
+            if len(y) < batch_size:
+                pad = batch_size - len(y)
+                mask[len(y):] = 0.0
+                x = np.concatenate([x, np.zeros((pad,) + x.shape[1:], x.dtype)])
+                y = np.concatenate([y, np.zeros(pad, y.dtype)])
+            c, l = compiled(tf.constant(x, tf.float32) / 255.0,
+                            tf.constant(y, tf.int32), tf.constant(mask))
+            correct += float(c)
+            loss += float(l)
+        return correct / n, loss / n
+
+    return evaluate
+
+
+def _progress_line(epoch, epochs, step, steps, metrics, objectives, rate):
+    objs = " ".join(f"{name} {metrics[f'objective/{name}']:.3f}"
+                    for name in objectives)
+    weights = "/".join(f"{metrics[f'weight/{name}']:.2f}"
+                       for name in objectives)
+    line = (f"epoch {epoch + 1}/{epochs} step {step}/{steps} | {objs} | "
+            f"mgda {weights} | train {metrics['train/loss']:.3f} "
+            f"acc {metrics['train/acc']:.2f} | lr {metrics['lr']:.4f} | "
+            f"{rate:.2f} s/step")
+    if metrics.get("skipped"):
+        line += " | SKIPPED"
+    return line
+
+
+def _skip_error(metrics, objectives, limit):
+    culprits = [name for name in list(objectives) + ["train"]
+                if metrics.get(f"nonfinite/{name}")]
+    return step_lib.SearchDivergedError(
+        f"the search skipped {limit} consecutive steps with non-finite "
+        f"values (objectives: {', '.join(culprits) or 'unknown'}); lower "
+        "the learning rates or check the data")
+
+
+def search(config, workdir, *, overwrite=False, log=print):
+    """Runs an E2RNAS search and writes its results into ``workdir``.
+
+    Args:
+        config: a locked `config_lib.search_config()`-style config.
+        workdir: the run directory (created if needed).
+        overwrite: reuse a directory that holds a different run.
+        log: where progress lines go (a print-like callable).
+
+    Returns:
+        A dict: ``genotype`` (`genotypes.Genotype`), ``genotype_params``
+        (millions, at ``config.resource`` scale), ``epochs`` (per-epoch
+        summaries), ``steps``, ``compile_seconds``, ``workdir``.
+
+    Example:
+
+    >>> from configs import search_demo
+    >>> result = search(search_demo.get_config(), "runs/demo")
+    >>> result["genotype"].normal[:2]
+
+    Reference:
+        https://arxiv.org/abs/2011.09820
+    """
+    objectives = step_lib.check_objectives(config.objectives)
+    if config.eval_on not in EVAL_SPLITS:
+        raise ValueError(f"Expected config.eval_on in {list(EVAL_SPLITS)}. "
+                         f"Received: {config.eval_on!r}")
+    resume = prepare_workdir(workdir, config, overwrite)
+    runtime.configure(config)
+    strategy = runtime.make_strategy(config)
+
+    train, test, info = data_lib.load(config.data)
+    w_split, a_split = data_lib.search_split(
+        train, config.data.train_portion, config.seed)
+    batch = int(config.batch_size)
+    available = min(data_lib.steps_per_epoch(len(w_split), batch, True),
+                    data_lib.steps_per_epoch(len(a_split), batch, True))
+    if available == 0:
+        raise data_lib.DataError(
+            f"The search splits ({len(w_split)} / {len(a_split)} examples) "
+            f"are smaller than batch_size={batch}")
+    steps_per_epoch = int(config.steps_per_epoch) or available
+    if steps_per_epoch > available:
+        raise ValueError(
+            f"Expected config.steps_per_epoch <= {available} (batches in the "
+            f"smaller search split). Received: {steps_per_epoch}")
+    if batch % strategy.num_replicas_in_sync:
+        raise ValueError(
+            f"Expected config.batch_size divisible by the "
+            f"{strategy.num_replicas_in_sync} replicas. Received: {batch}")
+    eval_split = test if config.eval_on == "test" else a_split
+
+    with strategy.scope():
+        net = build_network(config, info)
+        step = step_lib.SearchStep(
+            net, config, num_classes=info.num_classes,
+            image_size=info.image_size, steps_per_epoch=steps_per_epoch,
+            strategy=strategy)
+        epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                name="epoch")
+    params_table = step.tables.get("params") or obj_lib.resource_table(
+        "params", channels=config.resource.channels,
+        layers=config.resource.layers, num_classes=info.num_classes,
+        image_size=info.image_size, steps=config.model.steps,
+        multiplier=config.model.multiplier,
+        stem_multiplier=config.model.stem_multiplier,
+        primitives=config.model.primitives)
+    checkpoint = tf.train.Checkpoint(
+        network=net, w_optimizer=step.w_optimizer,
+        arch_optimizer=step.arch_optimizer, search_step=step,
+        epoch=epoch_var)
+    manager = tf.train.CheckpointManager(
+        checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3)
+    history_path = os.path.join(workdir, "alpha_history.npz")
+    history = {"alpha_normal": [], "alpha_reduce": []}
+    start_epoch, skip = 0, 0
+    if resume and manager.latest_checkpoint:
+        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        done = int(step.iterations.numpy())
+        start_epoch, skip = divmod(done, steps_per_epoch)
+        if os.path.exists(history_path):
+            with np.load(history_path) as f:
+                history = {k: list(f[k][:start_epoch]) for k in history}
+        log(f"resuming {workdir} at epoch {start_epoch + 1}, step {done}")
+    mode = "a" if resume else "w"
+    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), mode)
+    writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+
+    log(f"search: {info.name} {info.image_size}x{info.image_size}, "
+        f"{len(w_split)} weight / {len(a_split)} arch examples, "
+        f"{config.model.layers} cells C={config.model.channels}, "
+        f"batch {batch}, {steps_per_epoch} steps/epoch, "
+        f"{config.epochs} epochs, objectives {list(objectives)} "
+        f"({config.combine.method}, {config.arch.order} order), "
+        f"{count_params(net.weight_variables):,} weights")
+    limit = int(config.max_consecutive_skips)
+    evaluate = make_eval_step(net, int(config.eval_batch_size))
+    compile_seconds = None
+    epochs_summary = []
+    aug = dict(crop_padding=config.data.crop_padding, flip=config.data.flip,
+               cutout=config.data.cutout)
+    try:
+        for epoch in range(start_epoch, int(config.epochs)):
+            w_ds = data_lib.batches(w_split, batch, seed=config.seed,
+                                    epoch=epoch, training=True,
+                                    skip_batches=skip, **aug)
+            # A different seed, so the two splits are not shuffled alike.
+            a_ds = data_lib.batches(a_split, batch, seed=config.seed + 1,
+                                    epoch=epoch, training=True,
+                                    skip_batches=skip, **aug)
+            if strategy.num_replicas_in_sync > 1:
+                w_ds = strategy.experimental_distribute_dataset(w_ds)
+                a_ds = strategy.experimental_distribute_dataset(a_ds)
+            tic = time.perf_counter()
+            done_in_epoch = skip
+            for train_batch, valid_batch in zip(w_ds, a_ds):
+                if done_in_epoch >= steps_per_epoch:
+                    break
+                t0 = time.perf_counter()
+                out = step(train_batch, valid_batch)
+                metrics = {k: float(v) for k, v in out.items()}
+                if compile_seconds is None:
+                    compile_seconds = time.perf_counter() - t0
+                    log(f"compiled in {compile_seconds:.1f} s "
+                        "(trace + first step)")
+                    tic = time.perf_counter()
+                done_in_epoch += 1
+                global_step = int(step.iterations.numpy())
+                record = {"kind": "step", "step": global_step,
+                          "epoch": epoch + 1, **metrics}
+                metrics_file.write(json.dumps(record) + "\n")
+                with writer.as_default(step=global_step):
+                    for key, value in metrics.items():
+                        tf.summary.scalar(key, value)
+                if metrics["consecutive_skips"] >= limit:
+                    raise _skip_error(metrics, objectives, limit)
+                if (done_in_epoch % max(int(config.log_every), 1) == 0
+                        or done_in_epoch == steps_per_epoch):
+                    rate = (time.perf_counter() - tic) / max(
+                        done_in_epoch - skip - 1, 1)
+                    log(_progress_line(epoch, config.epochs, done_in_epoch,
+                                       steps_per_epoch, metrics, objectives,
+                                       rate))
+                if (config.checkpoint_every
+                        and global_step % int(config.checkpoint_every) == 0):
+                    manager.save(checkpoint_number=global_step)
+            skip = 0
+            summary = _end_of_epoch(
+                epoch, net, config, params_table, evaluate, eval_split,
+                workdir, history, history_path)
+            epochs_summary.append(summary)
+            metrics_file.write(json.dumps(summary) + "\n")
+            metrics_file.flush()
+            with writer.as_default(step=int(step.iterations.numpy())):
+                tf.summary.scalar("epoch/eval_acc", summary["eval_acc"])
+                tf.summary.scalar("epoch/eval_loss", summary["eval_loss"])
+                tf.summary.scalar("epoch/genotype_params",
+                                  summary["genotype_params"])
+            writer.flush()
+            log(f"epoch {epoch + 1}: supernet {config.eval_on} accuracy "
+                f"{summary['eval_acc']:.4f}, derived genotype "
+                f"{summary['genotype_params']:.3f}M params")
+            epoch_var.assign(epoch + 1)
+            manager.save(checkpoint_number=int(step.iterations.numpy()))
+    finally:
+        metrics_file.close()
+        writer.close()
+
+    genotype = derive_genotype(net, config)
+    genotype.save(os.path.join(workdir, "genotype.json"))
+    params = genotype_params(genotype, params_table, config.model.primitives)
+    log(f"genotype: {genotype.to_json()}")
+    log(f"expected parameters: {params:.3f}M (derived network, "
+        f"{config.resource.layers} cells, C={config.resource.channels})")
+    log(f"results in {workdir}: genotype.json, metrics.jsonl, "
+        "alpha_history.npz, checkpoints/, tb/")
+    return dict(genotype=genotype, genotype_params=params,
+                epochs=epochs_summary, steps=int(step.iterations.numpy()),
+                compile_seconds=compile_seconds, workdir=workdir)
+
+
+def _end_of_epoch(epoch, net, config, params_table, evaluate, eval_split,
+                  workdir, history, history_path):
+    genotype = derive_genotype(net, config)
+    genotype.save(os.path.join(workdir, "genotypes",
+                               f"epoch_{epoch + 1:03d}.json"))
+    history["alpha_normal"].append(net.alpha_normal.numpy())
+    history["alpha_reduce"].append(net.alpha_reduce.numpy())
+    np.savez(history_path, **{k: np.stack(v) for k, v in history.items()})
+    eval_acc, eval_loss = evaluate(eval_split)
+    return {"kind": "epoch", "epoch": epoch + 1, "eval_on": config.eval_on,
+            "eval_acc": eval_acc, "eval_loss": eval_loss,
+            "genotype_params": genotype_params(genotype, params_table,
+                                               config.model.primitives),
+            "genotype": genotype.to_dict()}
+
+
+def main(config, args):
+    """``e2rnas search``: runs `search` on ``--workdir``."""
+    from absl import logging as absl_logging
+
+    # Checkpoint saving logs at INFO through absl; keep the run log readable.
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+    def log(line):
+        print(line, flush=True)
+
+    search(config, args.workdir, overwrite=args.overwrite, log=log)
+    return 0

@@ -1,0 +1,603 @@
+"""The E2RNAS bi-level search step: alpha by MGDA over objectives, then w.
+
+One call of `SearchStep` is one DARTS iteration: the architecture ``alpha``
+takes an Adam step along the MGDA combination of the objectives' gradients
+on an architecture-validation batch, then the supernet weights ``w`` take an
+SGD-momentum step on a weight-training batch at the new ``alpha``.
+
+Where this runs: `SearchStep.__call__` is a `tf.function` (autograph off)
+that calls `tf.distribute.Strategy.run` on the per-replica step. Inside a
+replica every gradient and loss is all-reduced (summed, the losses being
+pre-scaled to the global batch) before it is used, so every replica solves
+the same MGDA problem and applies the same update; variables are only
+written through `merge_call` + `extended.update`.
+
+Reference:
+    Yue, Lin, Huang, Zhang. Effective, Efficient and Robust Neural
+    Architecture Search. https://arxiv.org/abs/2011.09820
+    Liu, Simonyan, Yang. DARTS: Differentiable Architecture Search.
+    https://arxiv.org/abs/1806.09055
+"""
+
+from __future__ import annotations
+
+import math
+
+import tensorflow as tf
+
+from e2rnas_tf import mgda
+from e2rnas_tf import objectives as obj_lib
+
+OBJECTIVES = ("acc", "adv", "params", "flops")
+NETWORK_OBJECTIVES = ("acc", "adv")
+ORDERS = ("first", "second")
+# Initial dynamic loss scale under mixed_float16, as Keras'
+# LossScaleOptimizer; halved on overflow, doubled after `_SCALE_PERIOD`
+# finite steps.
+_INITIAL_LOSS_SCALE = 2.0 ** 15
+_SCALE_PERIOD = 2000
+
+
+class SearchDivergedError(ValueError):
+    """The search skipped too many consecutive steps (non-finite values)."""
+
+
+def check_objectives(names):
+    """Validates ``config.objectives``; returns them as a tuple.
+
+    Args:
+        names: sequence of objective names, each in `OBJECTIVES`, distinct,
+            at most 5 of them.
+
+    Returns:
+        A tuple of names.
+    """
+    names = tuple(names)
+    if not names:
+        raise ValueError(
+            "Expected at least one objective. Received: objectives=[]")
+    for name in names:
+        if name not in OBJECTIVES:
+            raise ValueError(
+                f"Expected objectives among {list(OBJECTIVES)}. "
+                f"Received: objectives={list(names)}")
+    if len(set(names)) != len(names):
+        raise ValueError(
+            f"Expected distinct objectives. Received: objectives={list(names)}")
+    return names
+
+
+def cosine_lr(step, *, lr, lr_min, epochs, steps_per_epoch):
+    """DARTS' per-epoch cosine learning rate, from a step counter tensor.
+
+    ``lr_min + (lr - lr_min) * (1 + cos(pi * epoch / epochs)) / 2`` with
+    ``epoch = step // steps_per_epoch``, as PyTorch's ``CosineAnnealingLR``
+    stepped once per epoch with ``T_max = epochs``.
+
+    Args:
+        step: integer scalar tensor, steps taken so far.
+        lr, lr_min: initial and final learning rate.
+        epochs: length of the run in epochs.
+        steps_per_epoch: steps in one epoch.
+
+    Returns:
+        A float32 scalar tensor.
+    """
+    epoch = tf.cast(step // int(steps_per_epoch), tf.float32)
+    frac = tf.minimum(epoch / float(max(int(epochs), 1)), 1.0)
+    return lr_min + 0.5 * (lr - lr_min) * (1.0 + tf.cos(math.pi * frac))
+
+
+def _all_reduce(values):
+    """Sums a nested structure of tensors over the replicas.
+
+    Runs in a replica context; with a single replica it is the identity.
+    """
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None or ctx.num_replicas_in_sync == 1:
+        return values
+    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
+
+
+def _raw(variable):
+    """The `tf.Variable` behind a Keras variable (itself for tf.Variable)."""
+    return variable.value if hasattr(variable, "_value") else variable
+
+
+def _assign(variables, values):
+    """Writes ``values`` into ``variables`` from a replica context.
+
+    Goes through `merge_call` and `extended.update`, the path that works for
+    mirrored variables; every replica computes the same values (all inputs
+    were all-reduced), so any replica's copy is the right one.
+    """
+    variables = [_raw(v) for v in variables]
+
+    def merge_fn(strategy, *vals):
+        for var, val in zip(variables, vals):
+            strategy.extended.update(
+                var, lambda v, x: v.assign(x), args=(val,), group=False)
+
+    ctx = tf.distribute.get_replica_context()
+    if ctx is None:  # cross-replica context
+        for var, val in zip(variables, values):
+            var.assign(val)
+        return
+    ctx.merge_call(merge_fn, args=tuple(values))
+
+
+def _global_norm(tensors):
+    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float32)))
+                             for t in tensors]))
+
+
+def _all_finite(tensors):
+    return tf.reduce_all(tf.stack(
+        [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]))
+
+
+class MomentumSGD(tf.Module):
+    """SGD with momentum and L2 weight decay, with PyTorch's semantics.
+
+    ``g <- g + wd * w``; ``buf <- momentum * buf + g``; ``w <- w - lr * buf``
+    (the L2 term is added to the gradient, not decoupled; the buffer does not
+    contain the learning rate, so a changing lr acts at once). `updates`
+    returns new values rather than assigning them, so the caller can drop a
+    whole step.
+
+    Args:
+        variables: the variables it optimises (for the buffer shapes).
+        momentum: momentum factor.
+        weight_decay: L2 coefficient.
+    """
+
+    def __init__(self, variables, momentum, weight_decay, name="sgd"):
+        super().__init__(name=name)
+        self.momentum = float(momentum)
+        self.weight_decay = float(weight_decay)
+        self.buffers = [
+            tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                        name=f"momentum_{i}")
+            for i, v in enumerate(variables)]
+
+    def virtual_step(self, values, grads, lr):
+        """DARTS' unrolled weights ``w - lr (m * buf + g + wd * w)``."""
+        return [w - lr * (self.momentum * b + g + self.weight_decay * w)
+                for w, b, g in zip(values, self.buffers, grads)]
+
+    def updates(self, values, grads, lr):
+        """``(new_values, new_buffers)`` of one step (nothing assigned)."""
+        new_buffers = [self.momentum * b + g + self.weight_decay * w
+                       for w, b, g in zip(values, self.buffers, grads)]
+        new_values = [w - lr * b for w, b in zip(values, new_buffers)]
+        return new_values, new_buffers
+
+
+class AdamL2(tf.Module):
+    """Adam with L2 weight decay added to the gradient (PyTorch's Adam).
+
+    ``g <- g + wd * p``; the usual bias-corrected moments; ``p <- p - lr *
+    m_hat / (sqrt(v_hat) + eps)`` with ``eps`` outside the square root, as
+    PyTorch, so DARTS' hyper-parameters carry over.
+
+    Args:
+        variables: the variables it optimises (for the moment shapes).
+        beta1, beta2: moment decay rates.
+        weight_decay: L2 coefficient.
+        epsilon: denominator offset.
+    """
+
+    def __init__(self, variables, beta1, beta2, weight_decay, epsilon=1e-8,
+                 name="adam"):
+        super().__init__(name=name)
+        self.beta1 = float(beta1)
+        self.beta2 = float(beta2)
+        self.weight_decay = float(weight_decay)
+        self.epsilon = float(epsilon)
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                      name="iterations")
+        self.m = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                              name=f"m_{i}") for i, v in enumerate(variables)]
+        self.v = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
+                              name=f"v_{i}") for i, v in enumerate(variables)]
+
+    def updates(self, values, grads, lr):
+        """``(new_values, new_m, new_v, new_iterations)`` (nothing assigned)."""
+        t = self.iterations + 1
+        tf32 = tf.cast(t, tf.float32)
+        new_m, new_v, new_values = [], [], []
+        for p, g, m, v in zip(values, grads, self.m, self.v):
+            g = g + self.weight_decay * p
+            m = self.beta1 * m + (1.0 - self.beta1) * g
+            v = self.beta2 * v + (1.0 - self.beta2) * tf.square(g)
+            m_hat = m / (1.0 - tf.pow(self.beta1, tf32))
+            v_hat = v / (1.0 - tf.pow(self.beta2, tf32))
+            new_values.append(p - lr * m_hat / (tf.sqrt(v_hat) + self.epsilon))
+            new_m.append(m)
+            new_v.append(v)
+        return new_values, new_m, new_v, t
+
+
+def normalization_scale(grads, loss, mode):
+    """The factor `mgda.normalize_gradients` multiplies one gradient by.
+
+    The second-order step needs it to weight each objective's w-gradient
+    exactly as its alpha-gradient entered the combined direction.
+    """
+    if mode == "none":
+        return tf.constant(1.0)
+    if mode == "l2":
+        divisor = _global_norm(grads)
+    elif mode == "loss":
+        divisor = loss
+    else:
+        divisor = loss * _global_norm(grads)
+    return 1.0 / tf.where(divisor > 0.0, divisor, 1.0)
+
+
+class SearchStep(tf.Module):
+    """The compiled E2RNAS search step and all the state it updates.
+
+    Create it inside ``strategy.scope()`` after the network is built. The
+    state it owns (``iterations``, ``consecutive_skips``, the loss scale and
+    both optimizers) belongs in the run's checkpoint.
+
+    Args:
+        network: a built `search_space.SearchNetwork`.
+        config: a `config_lib.search_config()`.
+        num_classes: classes of the data set (for the resource tables).
+        image_size: input size (for the resource tables).
+        steps_per_epoch: steps in one epoch (for the lr schedule).
+        strategy: the `tf.distribute.Strategy` (default: the current one).
+
+    Call arguments:
+        train_batch: ``(images, labels)`` for the weights (a distributed
+            value under a multi-replica strategy).
+        valid_batch: ``(images, labels)`` for the architecture.
+
+    Returns (of a call):
+        A dict of float32 scalars: ``objective/<name>`` (value of each
+        objective), ``weight/<name>`` (its MGDA weight), ``nonfinite/<name>``
+        (1 if it caused a skip; also ``nonfinite/train``), ``cost/params``
+        / ``cost/flops`` (expected cost, millions), ``lr``, ``arch_lr``,
+        ``train/loss``, ``train/acc``, ``valid/acc``, ``skipped``,
+        ``consecutive_skips`` and, under mixed_float16, ``loss_scale``.
+
+    Reference:
+        https://arxiv.org/abs/2011.09820, https://arxiv.org/abs/1806.09055
+    """
+
+    def __init__(self, network, config, *, num_classes, image_size,
+                 steps_per_epoch, strategy=None, name="search_step"):
+        super().__init__(name=name)
+        self.network = network
+        self.config = config
+        self.objectives = check_objectives(config.objectives)
+        if config.arch.order not in ORDERS:
+            raise ValueError(
+                f"Expected config.arch.order in {list(ORDERS)}. "
+                f"Received: {config.arch.order!r}")
+        self.strategy = strategy or tf.distribute.get_strategy()
+        self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        self.float16 = config.mixed_precision == "mixed_float16"
+        self.combine_kwargs = dict(
+            method=config.combine.method,
+            normalization=config.combine.normalization,
+            apply_to=config.combine.apply_to,
+            fixed_weights=(list(config.combine.weights)
+                           if config.combine.method == "fixed" else None))
+        self.tables = {}
+        for kind in ("params", "flops"):
+            if kind in self.objectives:
+                self.tables[kind] = obj_lib.resource_table(
+                    kind, channels=config.resource.channels,
+                    layers=config.resource.layers, num_classes=num_classes,
+                    image_size=image_size, steps=config.model.steps,
+                    multiplier=config.model.multiplier,
+                    stem_multiplier=config.model.stem_multiplier,
+                    primitives=config.model.primitives)
+        w_vars = network.weight_variables
+        alpha = network.arch_variables
+        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                      name="iterations")
+        self.consecutive_skips = tf.Variable(0, dtype=tf.int64,
+                                             trainable=False,
+                                             name="consecutive_skips")
+        self.loss_scale = tf.Variable(
+            _INITIAL_LOSS_SCALE if self.float16 else 1.0, dtype=tf.float32,
+            trainable=False, name="loss_scale")
+        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                      name="good_steps")
+        self.w_optimizer = MomentumSGD(w_vars, config.optim.momentum,
+                                       config.optim.weight_decay)
+        self.arch_optimizer = AdamL2(alpha, config.arch.beta1,
+                                     config.arch.beta2,
+                                     config.arch.weight_decay)
+        self._compiled = tf.function(
+            self._distributed_step, autograph=False,
+            jit_compile=bool(config.jit_compile))
+
+    # -- schedules ---------------------------------------------------------
+
+    def learning_rate(self, step=None):
+        """The weight learning rate at ``step`` (default: the current one)."""
+        step = self.iterations if step is None else step
+        o = self.config.optim
+        return cosine_lr(tf.convert_to_tensor(step), lr=o.lr,
+                         lr_min=o.lr_min, epochs=self.config.epochs,
+                         steps_per_epoch=self.steps_per_epoch)
+
+    # -- losses ------------------------------------------------------------
+
+    def _global_batch(self, labels):
+        replicas = self.strategy.num_replicas_in_sync
+        return tf.cast(tf.shape(labels)[0] * replicas, tf.float32)
+
+    def _ce(self, logits, labels):
+        # Scaled to the global batch: the all-reduce SUM of the replicas'
+        # losses and gradients is then the mean over the global batch.
+        per_example = tf.nn.sparse_softmax_cross_entropy_with_logits(
+            labels=tf.cast(labels, tf.int32),
+            logits=tf.cast(logits, tf.float32))
+        return tf.reduce_sum(per_example) / self._global_batch(labels)
+
+    def _acc(self, logits, labels):
+        hits = tf.equal(tf.argmax(logits, -1, output_type=tf.int32),
+                        tf.cast(labels, tf.int32))
+        return (tf.reduce_sum(tf.cast(hits, tf.float32))
+                / self._global_batch(labels))
+
+    def _forward(self, images):
+        return self.network(images, training=True)
+
+    def _sources(self, which):
+        alpha = [_raw(a) for a in self.network.arch_variables]
+        w_vars = [_raw(v) for v in self.network.weight_variables]
+        return {"alpha": alpha, "w": w_vars, "all": alpha + w_vars}[which]
+
+    def _network_loss_grads(self, images, labels, which):
+        """Scaled CE loss, logits and (unscaled) gradients.
+
+        ``which`` selects the sources: ``alpha``, ``w`` or ``all``. (Wrapping
+        this in an inner `tf.function` to trace it once per kind did not
+        shorten the time to the first step on the CPU: the executor then
+        spends the saved tracing time instantiating the function calls.)
+        """
+        sources = self._sources(which)
+        with tf.GradientTape() as tape:
+            logits = self._forward(images)
+            loss = self._ce(logits, labels)
+            scaled = loss * self.loss_scale if self.float16 else loss
+        grads = tape.gradient(scaled, sources)
+        grads = [tf.zeros_like(s) if g is None else tf.cast(g, tf.float32)
+                 for g, s in zip(grads, sources)]
+        if self.float16:
+            grads = [g / self.loss_scale for g in grads]
+        return loss, logits, grads
+
+    def _attack(self, images, labels, attack_cfg, seed):
+        return obj_lib.attack(self._forward, images, labels, attack_cfg, seed)
+
+    def _resource_loss_grads(self, kind, alpha):
+        r = self.config.resource
+        with tf.GradientTape() as tape:
+            tape.watch(alpha)
+            w_normal = tf.nn.softmax(alpha[0], axis=-1)
+            w_reduce = tf.nn.softmax(alpha[1], axis=-1)
+            cost = obj_lib.expected_cost(w_normal, w_reduce, self.tables[kind])
+            loss = obj_lib.constrain(cost, r[f"{kind}_target"],
+                                     r[f"{kind}_constraint"])
+        grads = tape.gradient(loss, alpha)
+        grads = [tf.zeros_like(a) if g is None else g
+                 for g, a in zip(grads, alpha)]
+        return loss, cost, grads
+
+    # -- the upper level ----------------------------------------------------
+
+    def arch_direction(self, valid_batch, train_batch, lr, seed):
+        """The combined architecture update direction (no variable changes).
+
+        Runs in a replica context. First order: each objective's gradient
+        w.r.t. alpha at the current weights, combined by `mgda.combine`.
+        Second order (DARTS' unrolled step): the objectives are evaluated at
+        the virtual weights ``w' = w - lr (m buf + grad L_train + wd w)``
+        and the implicit term ``-lr * H_{alpha w} v`` is added, with one
+        finite-difference Hessian-vector product on the combined weight
+        gradient ``v = sum_k c_k s_k dL_k/dw'`` (``s_k`` the normalisation
+        factor of objective ``k``). The weights are restored exactly.
+
+        Args:
+            valid_batch: ``(images, labels)``, the architecture batch.
+            train_batch: ``(images, labels)``, the weight batch (second
+                order only).
+            lr: the weight learning rate of the virtual step.
+            seed: ``[2]`` int32 seed for the attack's random start.
+
+        Returns:
+            A dict with ``direction`` (list of 2 tensors), ``weights``
+            ``[K]``, ``losses`` ``[K]``, ``finite`` (list of K bool
+            scalars), ``costs`` (dict kind -> expected cost), ``ok`` (bool)
+            and ``valid_acc``.
+        """
+        net = self.network
+        cfg = self.config
+        xv, yv = valid_batch
+        alpha = [_raw(a) for a in net.arch_variables]
+        w_vars = [_raw(v) for v in net.weight_variables]
+        second = cfg.arch.order == "second"
+        if second:
+            w_saved = [tf.identity(_raw(v)) for v in w_vars]
+            xt, yt = train_batch
+            _, _, g_train = self._network_loss_grads(xt, yt, "w")
+            g_train = _all_reduce(g_train)
+            _assign(w_vars, self.w_optimizer.virtual_step(w_saved, g_train,
+                                                          lr))
+        losses, alpha_grads, w_grads, costs = [], [], [], {}
+        valid_acc = tf.constant(0.0)
+        which = "all" if second else "alpha"
+        for name in self.objectives:
+            if name in NETWORK_OBJECTIVES:
+                if name == "adv":
+                    images = self._attack(xv, yv, cfg.attack, seed)
+                else:
+                    images = xv
+                loss, logits, grads = self._network_loss_grads(
+                    images, yv, which)
+                hits = self._acc(logits, yv)
+                loss, grads, hits = _all_reduce((loss, grads, hits))
+                if name == "acc":
+                    valid_acc = hits
+                alpha_grads.append(grads[:2])
+                w_grads.append(grads[2:])
+            else:
+                loss, costs[name], grads = self._resource_loss_grads(
+                    name, alpha)
+                alpha_grads.append(grads)
+                w_grads.append(None)
+            losses.append(loss)
+        finite = [_all_finite([loss] + list(g))
+                  for loss, g in zip(losses, alpha_grads)]
+        if second:
+            finite = [f & _all_finite(g) if g else f
+                      for f, g in zip(finite, w_grads)]
+        losses_t = tf.stack(losses)
+        direction, weights, ok = mgda.combine(alpha_grads, losses_t,
+                                              **self.combine_kwargs)
+        if second:
+            direction, ok_hvp = self._implicit(
+                direction, weights, alpha_grads, losses, w_grads, w_saved,
+                train_batch, lr)
+            ok = ok & ok_hvp
+            _assign(w_vars, w_saved)
+        ok = ok & tf.reduce_all(tf.stack(finite))
+        return dict(direction=direction, weights=weights, losses=losses_t,
+                    finite=finite, costs=costs, ok=ok, valid_acc=valid_acc)
+
+    def _implicit(self, direction, weights, alpha_grads, losses, w_grads,
+                  w_saved, train_batch, lr):
+        """``direction - lr * H_{alpha w} v`` by central differences."""
+        cfg = self.config
+        net = self.network
+        w_vars = [_raw(v) for v in net.weight_variables]
+        normalized = cfg.combine.apply_to == "normalized"
+        v = None
+        for k, g in enumerate(w_grads):
+            if not g:  # resource objectives do not depend on w
+                continue
+            coef = weights[k]
+            if normalized:
+                coef = coef * normalization_scale(
+                    alpha_grads[k], losses[k], cfg.combine.normalization)
+            term = [coef * t for t in g]
+            v = term if v is None else [a + b for a, b in zip(v, term)]
+        if v is None:
+            return direction, tf.constant(True)
+        norm = _global_norm(v)
+        eps = cfg.arch.unrolled_eps / tf.where(norm > 0.0, norm, 1.0)
+        xt, yt = train_batch
+        alpha = [_raw(a) for a in net.arch_variables]
+        grads_pm = []
+        for sign in (1.0, -1.0):
+            _assign(w_vars, [w + sign * eps * d for w, d in zip(w_saved, v)])
+            _, _, g = self._network_loss_grads(xt, yt, "alpha")
+            grads_pm.append(_all_reduce(g))
+        hvp = [(p - m) / (2.0 * eps) for p, m in zip(*grads_pm)]
+        direction = [d - lr * h for d, h in zip(direction, hvp)]
+        return direction, _all_finite(hvp)
+
+    # -- the whole step -------------------------------------------------------
+
+    def _replica_step(self, xt, yt, xv, yv):
+        net = self.network
+        cfg = self.config
+        w_vars = [_raw(v) for v in net.weight_variables]
+        alpha_vars = [_raw(v) for v in net.arch_variables]
+        arch_ids = {id(v) for v in alpha_vars}
+        state_vars = [_raw(v) for v in net.non_trainable_variables
+                      if id(_raw(v)) not in arch_ids]
+        step = self.iterations.read_value()
+        lr = self.learning_rate(step)
+        arch_lr = tf.constant(float(cfg.arch.lr))
+        seed = tf.stack([tf.constant(int(cfg.seed), tf.int32),
+                         tf.cast(step, tf.int32)])
+        # Snapshots so that a skipped step leaves everything as it was
+        # (including the batch-norm statistics the forward passes update).
+        state_saved = [tf.identity(_raw(v)) for v in state_vars]
+        alpha_saved = [tf.identity(_raw(v)) for v in alpha_vars]
+
+        arch = self.arch_direction((xv, yv), (xt, yt), lr, seed)
+        adam = self.arch_optimizer
+        new_alpha, new_m, new_v, new_t = adam.updates(
+            alpha_saved, arch["direction"], arch_lr)
+        ok_arch = arch["ok"] & _all_finite(new_alpha)
+        # DARTS updates alpha first and trains w at the new alpha.
+        _assign(alpha_vars, [tf.where(ok_arch, a, s)
+                             for a, s in zip(new_alpha, alpha_saved)])
+
+        if cfg.adv_train.enabled:
+            xt = self._attack(xt, yt, cfg.adv_train.attack, seed + 1)
+        w_saved = [tf.identity(_raw(v)) for v in w_vars]
+        train_loss, logits, g_w = self._network_loss_grads(xt, yt, "w")
+        train_acc = self._acc(logits, yt)
+        train_loss, train_acc, g_w = _all_reduce((train_loss, train_acc, g_w))
+        g_w, _ = tf.clip_by_global_norm(g_w, cfg.optim.grad_clip)
+        new_w, new_buf = self.w_optimizer.updates(w_saved, g_w, lr)
+        ok_train = _all_finite([train_loss] + g_w)
+        ok = ok_arch & ok_train & _all_finite(new_w)
+
+        def pick(new, old):
+            return [tf.where(ok, n, o) for n, o in zip(new, old)]
+
+        sgd = self.w_optimizer
+        _assign(w_vars, pick(new_w, w_saved))
+        _assign(sgd.buffers, pick(new_buf, [b.read_value()
+                                            for b in sgd.buffers]))
+        _assign(alpha_vars, pick(new_alpha, alpha_saved))
+        _assign(adam.m, pick(new_m, [m.read_value() for m in adam.m]))
+        _assign(adam.v, pick(new_v, [v.read_value() for v in adam.v]))
+        _assign([adam.iterations], pick([new_t], [adam.iterations.value()]))
+        _assign(state_vars, [tf.where(ok, _raw(v).read_value(), s)
+                             for v, s in zip(state_vars, state_saved)])
+        skips = tf.where(ok, tf.constant(0, tf.int64),
+                         self.consecutive_skips + 1)
+        counters = [self.iterations, self.consecutive_skips]
+        values = [step + 1, skips]
+        if self.float16:
+            # Dynamic loss scale: an overflow halves it (and the step is
+            # skipped like any non-finite step); a long finite run doubles it.
+            good = tf.where(ok, self.good_steps + 1, 0)
+            grow = good >= _SCALE_PERIOD
+            scale = tf.where(ok, tf.where(grow, self.loss_scale * 2.0,
+                                          self.loss_scale),
+                             tf.maximum(self.loss_scale * 0.5, 1.0))
+            counters += [self.good_steps, self.loss_scale]
+            values += [tf.where(grow, tf.zeros_like(good), good), scale]
+        _assign(counters, values)
+
+        metrics = {"lr": lr, "arch_lr": arch_lr,
+                   "train/loss": train_loss, "train/acc": train_acc,
+                   "valid/acc": arch["valid_acc"],
+                   "skipped": 1.0 - tf.cast(ok, tf.float32),
+                   "consecutive_skips": tf.cast(skips, tf.float32),
+                   "nonfinite/train": 1.0 - tf.cast(ok_train, tf.float32)}
+        for k, name in enumerate(self.objectives):
+            metrics[f"objective/{name}"] = arch["losses"][k]
+            metrics[f"weight/{name}"] = arch["weights"][k]
+            metrics[f"nonfinite/{name}"] = 1.0 - tf.cast(arch["finite"][k],
+                                                         tf.float32)
+        for kind, cost in arch["costs"].items():
+            metrics[f"cost/{kind}"] = cost
+        if self.float16:
+            metrics["loss_scale"] = self.loss_scale.read_value()
+        return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
+
+    def _distributed_step(self, train_batch, valid_batch):
+        xt, yt = train_batch
+        xv, yv = valid_batch
+        out = self.strategy.run(self._replica_step, args=(xt, yt, xv, yv))
+        # Every metric was all-reduced inside the replicas: any copy will do.
+        return {k: self.strategy.experimental_local_results(v)[0]
+                for k, v in out.items()}
+
+    def __call__(self, train_batch, valid_batch):
+        return self._compiled(train_batch, valid_batch)
