@@ -129,7 +129,7 @@ class DerivedCell(keras.layers.Layer):
             stride = 2 if self.reduction and j < 2 else 1
             self.edge_ops.append(ops_lib.make_op(
                 name, channels, stride, affine=True,
-                layer_name=f"edge_{k // 2}_{j}_{name}"))
+                layer_name=f"node_{k // 2}_edge_{k % 2}_{name}"))
 
     def build(self, s0_shape, s1_shape=None, drop_rate_shape=None):
         self.preprocess0.build(s0_shape)

@@ -344,6 +344,24 @@ def evaluate_clean(eval_fn, strategy, test, batch_size):
 # The loop.
 
 
+def _variables_by_path(model):
+    """Every model variable keyed by its unique Keras path.
+
+    `tf.train.Checkpoint(model=model)` would miss most of the network:
+    Keras 3 does not expose layers held in Python lists (the cells, their
+    edges) as TensorFlow checkpoint dependencies, only layers assigned to
+    attributes. A flat dict of all variables is complete and does not
+    depend on how the model nests its layers.
+    """
+    variables = {}
+    for v in model.weights:
+        if v.path in variables:
+            raise ValueError(
+                f"Expected unique variable paths. Received: {v.path!r} twice")
+        variables[v.path] = v
+    return variables
+
+
 def _profile_range(spec):
     if not spec:
         return None
@@ -429,8 +447,9 @@ def train(config, workdir, *, overwrite=False):
                                   name="global_step")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
                            name="best_accuracy")
-    checkpoint = tf.train.Checkpoint(model=model, optimizer=optimizer,
-                                     step=global_step, best_accuracy=best)
+    checkpoint = tf.train.Checkpoint(
+        model=_variables_by_path(model), optimizer=optimizer,
+        step=global_step, best_accuracy=best)
     manager = tf.train.CheckpointManager(
         checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3)
     if resume and manager.latest_checkpoint:

@@ -225,3 +225,40 @@ def test_cli_train_overwrite_and_resume(tiny_run, tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "already complete" in result.stdout
     assert len((workdir / "metrics.jsonl").read_text().splitlines()) == 2
+
+
+def _tiny_config():
+    c = config_lib.train_config()
+    c.genotype = "DARTS_V2"
+    c.data.update(image_size=8, num_train=48, num_test=10, cutout=4)
+    c.model.update(layers=3, channels=4, drop_path=0.0)
+    c.batch_size = 16
+    c.eval_batch_size = 16
+    c.epochs = 2
+    c.steps_per_epoch = 2
+    c.checkpoint_every = 1
+    return c
+
+
+def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path):
+    config = _tiny_config()
+    train_lib.train(config, str(tmp_path / "full"))
+    part = tmp_path / "part"
+    train_lib.train(config, str(part))
+    # Simulate a crash after step 3 (mid-way through the second epoch).
+    checkpoints = part / "checkpoints"
+    for path in checkpoints.glob("ckpt-4.*"):
+        path.unlink()
+    tf.compat.v1.train.update_checkpoint_state(str(checkpoints),
+                                               str(checkpoints / "ckpt-3"))
+    (part / "model_last.keras").unlink()
+    summary = train_lib.train(config, str(part))
+    assert summary["steps"] == 4
+    records = [json.loads(line) for line in
+               (part / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in records] == [0, 1]
+    full = keras.models.load_model(tmp_path / "full" / "model_last.keras")
+    resumed = keras.models.load_model(part / "model_last.keras")
+    for a, b in zip(full.weights, resumed.weights):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
+                                   atol=1e-6, err_msg=a.path)
