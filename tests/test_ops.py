@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import ops
-from layer_test_util import check_layer, count
+from layer_test_util import check_layer, count, op_counts
 
 EPS = ops.BN_EPSILON
 
@@ -28,58 +28,38 @@ def bn_inference(x):
 
 
 # ---------------------------------------------------------------------------
-# Parameter counts by hand formula (affine BN: 2 * C scale/offset; every BN
-# also holds 2 * C moving statistics).
+# Parameter counts by hand formula (`layer_test_util.op_counts`).
 
 
-def sep_conv_params(c, k, affine=True):
-    return 2 * (k * k * c + c * c + (2 * c if affine else 0))
-
-
-def dil_conv_params(c, k, affine=True):
-    return k * k * c + c * c + (2 * c if affine else 0)
-
-
-def factorized_reduce_params(c, affine=True):
-    return 2 * c * (c // 2) + (2 * c if affine else 0)
-
-
-def op_counts(name, c, stride, affine):
-    """(trainable, non-trainable) scalars of ``make_op(name, c, stride)``."""
-    if name in ("none", "max_pool_3x3", "avg_pool_3x3"):
-        return 0, 0
-    if name == "skip_connect":
-        if stride == 1:
-            return 0, 0
-        return factorized_reduce_params(c, affine), 2 * c
-    k = int(name[-1])
-    if name.startswith("sep_conv"):
-        return sep_conv_params(c, k, affine), 4 * c
-    return dil_conv_params(c, k, affine), 2 * c
+# Affine counts worked out by hand, to guard the formula itself.
+LITERAL_AFFINE = {
+    4: {"sep_conv_3x3": 120, "sep_conv_5x5": 248, "dil_conv_3x3": 60,
+        "dil_conv_5x5": 124, "skip_connect": 24},
+    16: {"sep_conv_3x3": 864, "sep_conv_5x5": 1376, "dil_conv_3x3": 432,
+         "dil_conv_5x5": 688, "skip_connect": 288},
+    36: {"sep_conv_3x3": 3384, "sep_conv_5x5": 4536, "dil_conv_3x3": 1692,
+         "dil_conv_5x5": 2268, "skip_connect": 1368},
+}
 
 
 @pytest.mark.parametrize("channels", [4, 16, 36])
 @pytest.mark.parametrize("affine", [True, False])
 def test_pinned_op_parameter_counts(channels, affine):
-    # Literal values for the affine case at C=16, computed by hand, guard
-    # the formula itself.
-    literal = {"sep_conv_3x3": 2 * (144 + 256 + 32),
-               "sep_conv_5x5": 2 * (400 + 256 + 32),
-               "dil_conv_3x3": 144 + 256 + 32,
-               "dil_conv_5x5": 400 + 256 + 32}
-    x = tf.zeros([1, 5, 5, channels])
+    shape = (1, 5, 5, channels)
     for stride in (1, 2):
         for name in ops.PRIMITIVES:
             op = ops.make_op(name, channels, stride, affine=affine)
-            op.build(x.shape)
+            op.build(shape)
             trainable, non_trainable = op_counts(name, channels, stride,
                                                  affine)
             assert count(op.trainable_weights) == trainable, (name, stride)
             assert count(op.non_trainable_weights) == non_trainable
-            if channels == 16 and affine and name in literal:
-                assert trainable == literal[name]
-    assert sep_conv_params(4, 3) == 2 * (36 + 16 + 8) == 120
-    assert sep_conv_params(36, 3) == 2 * (324 + 1296 + 72) == 3384
+            if affine and stride == 2 and name in LITERAL_AFFINE[channels]:
+                assert trainable == LITERAL_AFFINE[channels][name], name
+    # The formula in the issue: sep_conv_3x3 = 2 * (9C + C*C + 2C).
+    c = channels
+    assert op_counts("sep_conv_3x3", c, 1, True)[0] == 2 * (9 * c + c * c
+                                                             + 2 * c)
 
 
 # ---------------------------------------------------------------------------
