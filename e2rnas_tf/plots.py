@@ -7,14 +7,18 @@ extension (``.png``, ``.svg``, ``.pdf``).
 Files read from a search run directory by ``e2rnas plot --workdir=RUN``:
 
 - ``genotype.json``: the derived genotype (cell diagrams).
-- ``alpha_history.npz``: arrays ``normal`` and ``reduce`` of shape
-  ``[epochs, num_edges, num_ops]`` holding the raw architecture parameters
-  (alpha) after each epoch; softmaxed per edge here. Optional array
-  ``primitives`` (strings) names the columns.
-- ``metrics.jsonl``: one JSON object per logged step with a ``step`` key;
-  every key starting with ``obj/`` (objective values, e.g. ``obj/acc``,
-  ``obj/adv``, ``obj/params``) or ``mgda/`` (combination weights, e.g.
-  ``mgda/acc``) is plotted against ``step``.
+- ``alpha_history.npz``: arrays ``alpha_normal`` and ``alpha_reduce``
+  (or ``normal`` and ``reduce``) of shape ``[epochs, num_edges, num_ops]``
+  holding the raw architecture parameters (alpha) after each epoch;
+  softmaxed per edge here. The op names come from an optional
+  ``primitives`` array, else ``config.json``'s ``model.primitives``, else
+  the default op set.
+- ``metrics.jsonl``: one JSON object per line; records with a ``step`` key
+  are plotted against it (others, such as ``"kind": "epoch"`` lines, are
+  skipped). Every numeric key starting with ``objective/`` or ``obj/``
+  (objective values, e.g. ``objective/acc``) goes to the top panel and
+  every key starting with ``weight/`` or ``mgda/`` (MGDA combination
+  weights) to the bottom one.
 
 Reference:
     Liu, Simonyan, Yang. DARTS. https://arxiv.org/abs/1806.09055
@@ -401,13 +405,20 @@ def read_metrics(metrics_jsonl_path):
     return records
 
 
-def _series(records, prefix):
-    """{key: (steps, values)} for numeric keys starting with `prefix`."""
+OBJECTIVE_PREFIXES = ("objective/", "obj/")
+WEIGHT_PREFIXES = ("weight/", "mgda/")
+
+
+def _series(records, prefixes):
+    """{key: (steps, values)} for numeric keys starting with `prefixes`."""
     series = {}
+    has_steps = any("step" in r for r in records)
     for n, record in enumerate(records):
+        if has_steps and "step" not in record:
+            continue
         step = record.get("step", n)
         for key, value in record.items():
-            if (not key.startswith(prefix) or isinstance(value, bool)
+            if (not key.startswith(prefixes) or isinstance(value, bool)
                     or not isinstance(value, (int, float))
                     or not math.isfinite(value)):
                 continue
@@ -425,9 +436,10 @@ def plot_metrics(metrics_jsonl_path, path):
 def metrics_figure(metrics_jsonl_path):
     """Objective values and MGDA weights over the steps of a search.
 
-    Reads every numeric key starting with ``obj/`` (top panel) or ``mgda/``
-    (bottom panel) from each record, against the record's ``step`` (its
-    line index if absent). Non-finite values are left out.
+    Reads every numeric key starting with ``objective/`` or ``obj/`` (top
+    panel) or ``weight/`` or ``mgda/`` (bottom panel), against the record's
+    ``step``; records without ``step`` are skipped when others have one
+    (else the line index is the step). Non-finite values are left out.
 
     Args:
         metrics_jsonl_path: the run's ``metrics.jsonl``.
@@ -436,11 +448,13 @@ def metrics_figure(metrics_jsonl_path):
         A `matplotlib.figure.Figure` with two axes (objectives, weights).
     """
     records = read_metrics(metrics_jsonl_path)
-    panels = [("obj/", "objective"), ("mgda/", "MGDA weight")]
+    panels = [(OBJECTIVE_PREFIXES, "objective"),
+              (WEIGHT_PREFIXES, "MGDA weight")]
     data = [(_series(records, prefix), label) for prefix, label in panels]
     if not any(series for series, _ in data):
         raise ValueError(
-            f"Expected keys starting with 'obj/' or 'mgda/' in "
+            f"Expected keys starting with one of "
+            f"{OBJECTIVE_PREFIXES + WEIGHT_PREFIXES} in "
             f"{metrics_jsonl_path}. Received: none")
     plt = _pyplot()
     fig, axes = plt.subplots(2, 1, figsize=(8, 6), sharex=True)
@@ -466,6 +480,12 @@ _TRADEOFF_KEYS = {
 }
 
 
+def _leaves(value):
+    if isinstance(value, dict):
+        return [x for v in value.values() for x in _leaves(v)]
+    return [float(value)]
+
+
 def _tradeoff_record(item):
     """name, params, clean, robust from a record dict or a run directory."""
     if isinstance(item, (str, os.PathLike)):
@@ -482,8 +502,10 @@ def _tradeoff_record(item):
     for field, keys in _TRADEOFF_KEYS.items():
         value = next((record[k] for k in keys if k in record), None)
         if isinstance(value, dict):
-            # e.g. {"fgsm@2": 0.4, ...}: the strongest attack counts.
-            value = min(value.values()) if value else None
+            # evaluation.json's {attack: {eps: accuracy}}: the strongest
+            # attack at the largest epsilon counts, i.e. the minimum.
+            leaves = _leaves(value)
+            value = min(leaves) if leaves else None
         if value is None:
             raise ValueError(
                 f"Expected one of {list(keys)} in tradeoff record "
@@ -500,7 +522,8 @@ def plot_tradeoff(run_dirs_or_records, path):
         run_dirs_or_records: run directories (holding ``evaluation.json``),
             ``evaluation.json`` paths, or dicts with ``name``, ``params``
             (or ``params_m``), ``clean_accuracy`` and ``robust_accuracy``
-            (a dict of robust accuracies counts its minimum).
+            (a nested dict such as evaluation.json's
+            ``{attack: {eps: accuracy}}`` counts its minimum).
         path: output file.
 
     Returns:
@@ -567,14 +590,16 @@ def main(config, args):
             with np.load(history_path) as history:
                 primitives = ([str(p) for p in history["primitives"]]
                               if "primitives" in history.files
-                              else None)
+                              else _run_primitives(run))
                 for cell in ("normal", "reduce"):
-                    if cell not in history.files:
+                    key = next((k for k in (f"alpha_{cell}", cell)
+                                if k in history.files), None)
+                    if key is None:
                         continue
                     cell_primitives = primitives or _primitives_of(
-                        history[cell].shape[-1])
+                        history[key].shape[-1])
                     written.append(plot_alpha_history(
-                        history[cell], cell_primitives,
+                        history[key], cell_primitives,
                         os.path.join(out, f"alpha_{cell}.png"),
                         title=f"{cell} cell"))
             found = True
@@ -590,6 +615,20 @@ def main(config, args):
     for path in written:
         print(path)
     return 0
+
+
+def _run_primitives(run):
+    """``model.primitives`` of a run's config.json, if it has one."""
+    path = os.path.join(run, "config.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError:
+            return None
+    primitives = (config.get("model") or {}).get("primitives")
+    return [str(p) for p in primitives] if primitives else None
 
 
 def _primitives_of(num_ops):

@@ -130,15 +130,20 @@ def test_alpha_history_plots_softmax_per_edge():
 
 
 def _write_metrics(path):
+    """Records shaped like e2rnas search's metrics.jsonl."""
     records = []
     for step in range(0, 50, 10):
-        records.append({"step": step, "obj/acc": 2.0 - step / 100,
-                        "obj/adv": float("nan") if step == 20 else 3.0,
-                        "mgda/acc": 0.25, "mgda/adv": 0.75,
+        records.append({"kind": "step", "step": step,
+                        "objective/acc": 2.0 - step / 100,
+                        "objective/adv": float("nan") if step == 20 else 3.0,
+                        "weight/acc": 0.25, "weight/adv": 0.75,
                         "lr": 0.1, "note": "text"})
     with open(path, "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
+        # Epoch lines carry no step and are not plotted.
+        f.write(json.dumps({"kind": "epoch", "epoch": 1,
+                            "objective/acc": 99.0}) + "\n")
         f.write("\n")
     return records
 
@@ -150,14 +155,14 @@ def test_metrics_figure_reads_prefixed_keys(tmp_path):
     try:
         top, bottom = fig.axes[:2]
         lines = {l.get_label(): l for l in top.get_lines()}
-        assert sorted(lines) == ["obj/acc", "obj/adv"]
-        np.testing.assert_allclose(lines["obj/acc"].get_ydata(),
-                                   [r["obj/acc"] for r in records])
-        # The NaN record is left out of obj/adv.
-        np.testing.assert_array_equal(lines["obj/adv"].get_xdata(),
+        assert sorted(lines) == ["objective/acc", "objective/adv"]
+        np.testing.assert_allclose(lines["objective/acc"].get_ydata(),
+                                   [r["objective/acc"] for r in records])
+        # The NaN record is left out of objective/adv.
+        np.testing.assert_array_equal(lines["objective/adv"].get_xdata(),
                                       [0, 10, 30, 40])
         assert sorted(l.get_label() for l in bottom.get_lines()) == [
-            "mgda/acc", "mgda/adv"]
+            "weight/acc", "weight/adv"]
     finally:
         plt.close(fig)
     (tmp_path / "bad.jsonl").write_text('{"step": 1}\n{oops\n')
@@ -165,7 +170,18 @@ def test_metrics_figure_reads_prefixed_keys(tmp_path):
         plots.read_metrics(str(tmp_path / "bad.jsonl"))
     only_lr = tmp_path / "lr.jsonl"
     only_lr.write_text('{"step": 0, "lr": 0.1}\n')
-    with pytest.raises(ValueError, match="obj/"):
+    # The short prefixes are read too; without a step the index counts.
+    short = tmp_path / "short.jsonl"
+    short.write_text('{"obj/a": 1.0, "mgda/a": 1.0}\n{"obj/a": 0.5}\n')
+    fig = plots.metrics_figure(str(short))
+    try:
+        (line,) = fig.axes[0].get_lines()
+        assert line.get_label() == "obj/a"
+        np.testing.assert_array_equal(line.get_xdata(), [0, 1])
+        assert [l.get_label() for l in fig.axes[1].get_lines()] == ["mgda/a"]
+    finally:
+        plt.close(fig)
+    with pytest.raises(ValueError, match="objective/"):
         plots.plot_metrics(str(only_lr), str(tmp_path / "x.png"))
 
 
@@ -174,7 +190,8 @@ def test_tradeoff_from_records_and_run_dirs(tmp_path):
     run.mkdir()
     (run / "evaluation.json").write_text(json.dumps(
         {"params": 2.5e6, "clean_accuracy": 0.9,
-         "robust_accuracy": {"fgsm@2": 0.5, "pgd@2": 0.4}}))
+         "robust_accuracy": {"fgsm": {"2": 0.5, "8": 0.45},
+                             "pgd": {"2": 0.42, "8": 0.4}}}))
     out = plots.plot_tradeoff(
         [str(run), {"name": "b", "params": 3.0e6, "clean_accuracy": 0.92,
                     "robust_accuracy": 0.45}], str(tmp_path / "t.png"))
@@ -198,14 +215,21 @@ def test_main_genotype_and_workdir(tmp_path):
     run.mkdir()
     genotypes.PUBLISHED["E2RNAS"].save(str(run / "genotype.json"))
     rng = np.random.RandomState(1)
-    np.savez(run / "alpha_history.npz", normal=rng.randn(2, 14, 8),
-             reduce=rng.randn(2, 14, 8))
+    # As e2rnas search writes them: raw alphas, op names in config.json.
+    np.savez(run / "alpha_history.npz", alpha_normal=rng.randn(2, 14, 3),
+             alpha_reduce=rng.randn(2, 14, 3))
+    (run / "config.json").write_text(json.dumps(
+        {"model": {"primitives": ["none", "skip_connect", "max_pool_3x3"]}}))
     _write_metrics(run / "metrics.jsonl")
     assert plots.main(None, _args(workdir=str(run))) == 0
     assert sorted(os.listdir(run / "plots")) == [
         "alpha_normal.png", "alpha_reduce.png", "genotype_normal.png",
         "genotype_normal.svg", "genotype_reduce.png", "genotype_reduce.svg",
         "metrics.png"]
+    # Without op names and with a non-default op count: a clear error.
+    os.remove(run / "config.json")
+    with pytest.raises(ValueError, match="primitives"):
+        plots.main(None, _args(workdir=str(run)))
 
     empty = tmp_path / "empty"
     empty.mkdir()
