@@ -459,7 +459,8 @@ def evaluate_model(model, dataset, *, attacks=("fgsm", "pgd", "mim"),
             for eps in epsilons:
                 robust = np.ones_like(clean)
                 for r in range(runs[name]):
-                    hit = predict(run_attack(name, eps, x, y)).numpy() == labels
+                    adv = run_attack(name, eps, x, y)
+                    hit = predict(adv).numpy() == labels
                     counts[name][eps]["runs"][r] += int(hit.sum())
                     robust &= hit
                 counts[name][eps]["correct"] += int(robust.sum())
@@ -752,11 +753,16 @@ def main(config, args):
         header["genotype"] = genotype.to_dict()
     elif _read_json(os.path.join(run_dir, "genotype.json")) is not None:
         header["genotype"] = _read_json(os.path.join(run_dir, "genotype.json"))
-    train_config = _read_json(os.path.join(run_dir, "config.json"))
-    train_data = (train_config or {}).get("data", {}).get("name")
-    if train_data and train_data != info.name:
-        header["warning"] = (f"model trained on {train_data!r}, evaluated on "
-                             f"{info.name!r}")
+    # The data come from --config; a mismatch with the run's own data
+    # (another data set or resolution) would silently give wrong numbers.
+    train_data = (_read_json(os.path.join(run_dir, "config.json")) or {}
+                  ).get("data", {})
+    mismatch = [f"{k}={train_data[k]!r} (here {config.data[k]!r})"
+                for k in ("name", "image_size")
+                if k in train_data and train_data[k] != config.data[k]]
+    if mismatch:
+        header["warning"] = ("the model was trained with data "
+                             + ", ".join(mismatch))
         print(f"WARNING: {header['warning']}")
     header["evaluate_config"] = ev.to_dict()
     header["created"] = datetime.datetime.now(

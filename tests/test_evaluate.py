@@ -140,6 +140,31 @@ def test_linear_model_loses_exactly_the_points_within_eps(classes):
     assert report["sanity"]["passed"], report["sanity"]["flags"]
 
 
+def test_model_is_evaluated_in_inference_mode():
+    # Batch norm whose moving statistics differ from any batch's: labels
+    # are the inference-mode predictions, so inference mode scores exactly
+    # 1, batch statistics (training mode) would not, and the moving
+    # statistics must not be updated by the evaluation.
+    keras.utils.set_random_seed(7)
+    model = keras.Sequential([keras.Input(SHAPE), keras.layers.Flatten(),
+                              keras.layers.BatchNormalization(),
+                              keras.layers.Dense(3)])
+    bn = model.layers[1]
+    rng = np.random.RandomState(4)
+    bn.moving_mean.assign(rng.uniform(0.3, 0.7, DIM).astype(np.float32))
+    bn.moving_variance.assign(rng.uniform(0.01, 0.02, DIM).astype(np.float32))
+    images = rng.uniform(0, 1, (32,) + SHAPE).astype(np.float32)
+    labels = model(images, training=False).numpy().argmax(-1)
+    assert np.mean(model(images, training=True).numpy().argmax(-1)
+                   == labels) < 0.8
+    before = [w.copy() for w in model.get_weights()]
+    report = evaluate.evaluate_model(model, (images, labels),
+                                     attacks=("fgsm",), epsilons=(1,))
+    assert report["clean_accuracy"] == 1.0
+    for a, b in zip(model.get_weights(), before):
+        np.testing.assert_array_equal(a, b)
+
+
 # ---------------------------------------------------------------------------
 # Sanity checks and restarts on a small trained network.
 
@@ -303,8 +328,8 @@ def test_evaluate_command_end_to_end(tmp_path):
     config = config_lib.train_config()
     config.data.image_size = 8
     config.evaluate.num_examples = 12
-    config.evaluate.epsilons = [2.0, 8.0]
-    config.evaluate.attacks = ["fgsm", "pgd"]
+    config.evaluate.epsilons = (2.0, 8.0)
+    config.evaluate.attacks = ("fgsm", "pgd")
     config.evaluate.pgd_steps = 2
     config.evaluate.batch_size = 8
     config.lock()
@@ -345,12 +370,19 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert "| attack | eps=2/255 | eps=8/255 |" in table
     pgd = 100 * report["robust_accuracy"]["pgd"]["8"]
     assert f"| PGD-2 | " in table and f"{pgd:.2f} |" in table
-    # Without --workdir the files go next to the checkpoint.
+    assert "warning" not in report
+    # Without --workdir the files go next to the checkpoint; data other
+    # than the run's are reported.
+    trained_on = config.to_dict()
+    trained_on["data"]["image_size"] = 16
+    (run / "config.json").write_text(json.dumps(trained_on))
     args = cli.Args(**{**args.__dict__, "workdir": None,
                        "checkpoint": str(run / "model_best.keras")})
     assert evaluate.main(config, args) == 0
-    assert os.path.isfile(run / "evaluation.json")
     assert os.path.isfile(run / "evaluation.md")
+    report = json.loads((run / "evaluation.json").read_text())
+    assert report["warning"] == (
+        "the model was trained with data image_size=16 (here 8)")
 
 
 def test_evaluate_command_rejects_missing_checkpoint(tmp_path):
