@@ -43,6 +43,7 @@ from e2rnas_tf import genotypes as genotypes_lib
 from e2rnas_tf import model as model_lib
 from e2rnas_tf import objectives
 from e2rnas_tf import runtime
+from e2rnas_tf import tensorboard as tb_lib
 
 __all__ = ["WorkdirError", "TrainingDiverged", "cosine_lr", "drop_path_at",
            "main", "train"]
@@ -330,7 +331,8 @@ def make_eval_step(model, strategy, config):
 def evaluate_clean(eval_fn, strategy, test, batch_size):
     """Clean loss and accuracy over a whole split."""
     ds = data_lib.batches(test, batch_size, seed=0, epoch=0, training=False)
-    ds = strategy.experimental_distribute_dataset(ds.map(_pad_batch(batch_size)))
+    ds = ds.map(_pad_batch(batch_size))
+    ds = strategy.experimental_distribute_dataset(ds)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for images, labels, valid in ds:
         out = eval_fn(images, labels, valid)
@@ -360,18 +362,6 @@ def _variables_by_path(model):
                 f"Expected unique variable paths. Received: {v.path!r} twice")
         variables[v.path] = v
     return variables
-
-
-def _profile_range(spec):
-    if not spec:
-        return None
-    try:
-        start, end = (int(s) for s in spec.split(","))
-    except ValueError:
-        raise ValueError(
-            "Expected config.profile_steps as 'START,END'. "
-            f"Received: {spec!r}") from None
-    return start, end
 
 
 def train(config, workdir, *, overwrite=False):
@@ -453,7 +443,8 @@ def train(config, workdir, *, overwrite=False):
     manager = tf.train.CheckpointManager(
         checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3)
     if resume and manager.latest_checkpoint:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
+        status = checkpoint.restore(manager.latest_checkpoint)
+        status.assert_existing_objects_matched()
     start_step = int(global_step.numpy())
     start_epoch = start_step // steps_per_epoch
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -472,87 +463,97 @@ def train(config, workdir, *, overwrite=False):
 
     train_fn = make_train_step(model, optimizer, strategy, config)
     eval_fn = make_eval_step(model, strategy, config)
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
-    profile = _profile_range(config.profile_steps)
+    tb_dir = os.path.join(workdir, "tb")
+    writer = tf.summary.create_file_writer(tb_dir)
+    tb_lib.write_hparams(writer, config)
+    profile_steps = tb_lib.parse_profile_steps(config.profile_steps)
+    profiler = (tb_lib.profile(tb_dir, *profile_steps) if profile_steps
+                else None)
     checkpoint_every = int(config.checkpoint_every)
     log_every = max(int(config.log_every), 1)
     verbose = 1 if sys.stdout.isatty() else 2
     step = start_step
     last = {}
 
-    for epoch in range(start_epoch, config.epochs):
-        lr = cosine_lr(epoch, config.epochs, config.optim.lr,
-                       config.optim.lr_min)
-        rate = drop_path_at(epoch, config.epochs, config.model.drop_path)
-        sgd.learning_rate.assign(lr)
-        model.set_drop_path_rate(rate)
-        skip = step - epoch * steps_per_epoch
-        ds = data_lib.batches(
-            train_data, config.batch_size, seed=config.seed, epoch=epoch,
-            training=True, crop_padding=config.data.crop_padding,
-            flip=config.data.flip, cutout=config.data.cutout,
-            skip_batches=skip).take(steps_per_epoch - skip)
-        ds = strategy.experimental_distribute_dataset(ds)
-        print(f"epoch {epoch + 1}/{config.epochs} lr {lr:.5f} "
-              f"drop_path {rate:.3f}", flush=True)
-        bar = keras.utils.Progbar(steps_per_epoch - skip, verbose=verbose,
-                                  stateful_metrics=["lr"])
-        sums, count, start = {}, 0, time.time()
-        for images, labels in ds:
-            if profile and step == profile[0]:
-                tf.profiler.experimental.start(os.path.join(workdir, "tb"))
-            out = {k: float(v) for k, v in train_fn(
-                images, labels, tf.constant(step, tf.int64)).items()}
-            step += 1
-            global_step.assign(step)
-            if profile and step == profile[1]:
-                tf.profiler.experimental.stop()
-            if not np.isfinite(out["loss"]):
-                raise TrainingDiverged(
-                    f"Training loss is {out['loss']} at epoch {epoch + 1} "
-                    f"step {step}; the last checkpoint in {workdir} "
-                    "precedes it (lower optim.lr or check the data)")
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v
-            count += 1
-            bar.update(count, [("loss", out["loss"]),
-                               ("acc", out["accuracy"])])
-            if step % log_every == 0:
-                with writer.as_default(step=step):
-                    tf.summary.scalar("train_step/loss", out["loss"])
-                    tf.summary.scalar("train_step/accuracy", out["accuracy"])
-            if checkpoint_every and step % checkpoint_every == 0:
-                manager.save(checkpoint_number=step)
-        train_time = time.time() - start
-        val_loss, val_acc = evaluate_clean(eval_fn, strategy, test_data,
-                                           config.eval_batch_size)
-        record = {"epoch": epoch, "step": step, "lr": lr,
-                  "drop_path_rate": rate,
-                  **{f"train_{k}": v / max(count, 1) for k, v in sums.items()},
-                  "test_loss": val_loss, "test_accuracy": val_acc,
-                  "train_seconds": train_time}
-        improved = val_acc > float(best.numpy())
-        if improved:
-            best.assign(val_acc)
-        record["best_test_accuracy"] = float(best.numpy())
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-        with writer.as_default(step=step):
-            for k, v in record.items():
-                if k not in ("epoch", "step"):
-                    tf.summary.scalar(f"epoch/{k}", v)
+    try:
+        for epoch in range(start_epoch, config.epochs):
+            lr = cosine_lr(epoch, config.epochs, config.optim.lr,
+                           config.optim.lr_min)
+            rate = drop_path_at(epoch, config.epochs, config.model.drop_path)
+            sgd.learning_rate.assign(lr)
+            model.set_drop_path_rate(rate)
+            skip = step - epoch * steps_per_epoch
+            ds = data_lib.batches(
+                train_data, config.batch_size, seed=config.seed, epoch=epoch,
+                training=True, crop_padding=config.data.crop_padding,
+                flip=config.data.flip, cutout=config.data.cutout,
+                skip_batches=skip).take(steps_per_epoch - skip)
+            ds = strategy.experimental_distribute_dataset(ds)
+            print(f"epoch {epoch + 1}/{config.epochs} lr {lr:.5f} "
+                  f"drop_path {rate:.3f}", flush=True)
+            bar = keras.utils.Progbar(steps_per_epoch - skip,
+                                      verbose=verbose)
+            sums, count, start = {}, 0, time.time()
+            for images, labels in ds:
+                if profiler:
+                    profiler(step)
+                out = {k: float(v) for k, v in train_fn(
+                    images, labels, tf.constant(step, tf.int64)).items()}
+                step += 1
+                global_step.assign(step)
+                if not np.isfinite(out["loss"]):
+                    raise TrainingDiverged(
+                        f"Training loss is {out['loss']} at epoch "
+                        f"{epoch + 1} step {step}; the last checkpoint in "
+                        f"{workdir} precedes it (lower optim.lr or check "
+                        "the data)")
+                for k, v in out.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                count += 1
+                bar.update(count, [("loss", out["loss"]),
+                                   ("acc", out["accuracy"])])
+                if step % log_every == 0:
+                    with writer.as_default(step=step):
+                        tf.summary.scalar("train_step/loss", out["loss"])
+                        tf.summary.scalar("train_step/accuracy",
+                                          out["accuracy"])
+                if checkpoint_every and step % checkpoint_every == 0:
+                    manager.save(checkpoint_number=step)
+            train_time = time.time() - start
+            val_loss, val_acc = evaluate_clean(eval_fn, strategy, test_data,
+                                               config.eval_batch_size)
+            record = {"epoch": epoch, "step": step, "lr": lr,
+                      "drop_path_rate": rate}
+            record.update({f"train_{k}": v / max(count, 1)
+                           for k, v in sums.items()})
+            record.update(test_loss=val_loss, test_accuracy=val_acc,
+                          train_seconds=train_time)
+            improved = val_acc > float(best.numpy())
+            if improved:
+                best.assign(val_acc)
+            record["best_test_accuracy"] = float(best.numpy())
+            with open(metrics_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+            with writer.as_default(step=step):
+                for k, v in record.items():
+                    if k not in ("epoch", "step"):
+                        tf.summary.scalar(f"epoch/{k}", v)
+            writer.flush()
+            _save_model(model, os.path.join(workdir, "model_last.keras"))
+            if improved:
+                _save_model(model, os.path.join(workdir, "model_best.keras"))
+            manager.save(checkpoint_number=step)
+            print(f"  train loss {record.get('train_loss', float('nan')):.4f} "
+                  f"acc {record.get('train_accuracy', float('nan')):.4f} | "
+                  f"test loss {val_loss:.4f} acc {val_acc:.4f} "
+                  f"(best {record['best_test_accuracy']:.4f}) "
+                  f"{train_time:.1f}s", flush=True)
+            last = record
+    finally:
+        # A run that stops early still closes its trace.
+        if profiler:
+            profiler.stop()
         writer.flush()
-        _save_model(model, os.path.join(workdir, "model_last.keras"))
-        if improved:
-            _save_model(model, os.path.join(workdir, "model_best.keras"))
-        manager.save(checkpoint_number=step)
-        print(f"  train loss {record.get('train_loss', float('nan')):.4f} "
-              f"acc {record.get('train_accuracy', float('nan')):.4f} | "
-              f"test loss {val_loss:.4f} acc {val_acc:.4f} "
-              f"(best {record['best_test_accuracy']:.4f}) "
-              f"{train_time:.1f}s", flush=True)
-        last = record
-
     if not last:  # already finished: report the last recorded epoch
         with open(metrics_path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
