@@ -74,7 +74,13 @@ def search_config():
     c.batch_size = 64
     c.eval_batch_size = 256
     c.epochs = 50
-    c.steps_per_epoch = 0      # 0 = one pass over the weight-training split
+    c.steps_per_epoch = 0      # 0 = one pass over the smaller search split
+    # Supernet accuracy at the end of each epoch on: test (the held-out
+    # test set) | valid (the architecture-validation split).
+    c.eval_on = "test"
+    # Stop with an error after this many consecutive skipped steps (a step
+    # with a NaN/Inf objective or gradient is skipped, nothing applied).
+    c.max_consecutive_skips = 10
     # Lower level: network weights.
     c.optim = ml_collections.ConfigDict(dict(
         lr=0.025, lr_min=0.001, momentum=0.9, weight_decay=3e-4,
