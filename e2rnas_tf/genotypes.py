@@ -271,6 +271,16 @@ def derive(weights_normal, weights_reduce, primitives: Sequence[str] = PRIMITIVE
         raise ValueError(
             f"Expected a number of edges 2 + 3 + ... (14 for 4 nodes). "
             f"Received: {edges}")
+    if "none" in primitives and len(primitives) < 2:
+        # Nothing to choose: 'none' is never part of a genotype.
+        raise ValueError(
+            "Expected at least one primitive besides 'none'. "
+            f"Received: primitives={primitives}")
+    if isinstance(multiplier, bool) or not 1 <= multiplier <= steps:
+        # A larger multiplier would concatenate the cell's inputs too.
+        raise ValueError(
+            f"Expected `multiplier` in 1..{steps} (the number of nodes). "
+            f"Received: multiplier={multiplier!r}")
     concat = tuple(range(2 + steps - multiplier, steps + 2))
     return Genotype(
         tuple(_derive_cell(weights_normal, primitives, steps)), concat,
