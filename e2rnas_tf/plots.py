@@ -37,7 +37,8 @@ from e2rnas_tf import genotypes as genotypes_lib
 
 __all__ = [
     "cell_figure", "plot_cell", "plot_genotype", "alpha_history_figure",
-    "plot_alpha_history", "metrics_figure", "plot_metrics", "plot_tradeoff", "read_metrics", "main",
+    "plot_alpha_history", "metrics_figure", "plot_metrics", "plot_tradeoff",
+    "read_metrics", "main",
 ]
 
 # DARTS-paper colours: inputs green, intermediate nodes blue, output yellow.
@@ -173,7 +174,7 @@ def _place_label(pts, text, scale, rects, labels, curves, own):
     best = None
     n = len(pts) - 1
     for t in (0.5, 0.42, 0.58, 0.34, 0.66, 0.27, 0.73, 0.2, 0.8):
-        xy = pts[int(round(t * n))]
+        xy = pts[round(t * n)]
         rect = _label_rect(xy, text, scale)
         cost = abs(t - 0.5)
         cost += 50 * sum(_overlap(rect, _grow(r, 0.1))
@@ -267,8 +268,8 @@ def cell_figure(genotype, cell="normal"):
         labels.append(rect)
         ax.text(xy[0], xy[1], op, ha="center", va="center", fontsize=9,
                 color=color, zorder=5,
-                bbox=dict(boxstyle="round,pad=0.15", facecolor="white",
-                          edgecolor=color, linewidth=0.8, alpha=0.95))
+                bbox={"boxstyle": "round,pad=0.15", "facecolor": "white",
+                      "edgecolor": color, "linewidth": 0.8, "alpha": 0.95})
     ax.text(x_lo + 0.1, y_hi - 0.1, f"{cell} cell", fontsize=13,
             ha="left", va="top", weight="bold")
     return fig

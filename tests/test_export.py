@@ -169,7 +169,8 @@ def test_fresh_base_starts_at_one_then_two(tmp_path, tiny):
     assert export_lib.next_version(str(tmp_path / "m")) == 3
 
 
-def test_failure_mid_export_leaves_no_partial_version(tmp_path, tiny, monkeypatch):
+def test_failure_mid_export_leaves_no_partial_version(tmp_path, tiny,
+                                                      monkeypatch):
     base = tmp_path / "base"
     model = tiny
     export_lib.export(model, str(base), "tiny")

@@ -5,20 +5,18 @@ import itertools
 import json
 import os
 
-import matplotlib
+import numpy as np
+import pytest
+from matplotlib import patches
+from PIL import Image
 
-matplotlib.use("Agg")
+from e2rnas_tf import cli
+from e2rnas_tf import genotypes
+from e2rnas_tf import plots
+from e2rnas_tf.ops import PRIMITIVES
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from matplotlib import patches  # noqa: E402
-from matplotlib import pyplot as plt  # noqa: E402
-from PIL import Image  # noqa: E402
-
-from e2rnas_tf import cli  # noqa: E402
-from e2rnas_tf import genotypes  # noqa: E402
-from e2rnas_tf import plots  # noqa: E402
-from e2rnas_tf.ops import PRIMITIVES  # noqa: E402
+# The Agg backend, as the library selects it: no display needed.
+plt = plots._pyplot()
 
 
 def _args(**kw):

@@ -27,9 +27,9 @@ _spec = importlib.util.spec_from_file_location("serving_client", _PATH)
 sc = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(sc)
 
-serving_apis = pytest.importorskip("tensorflow_serving.apis")
-from tensorflow_serving.apis import get_model_metadata_pb2  # noqa: E402
-from tensorflow_serving.apis import predict_pb2  # noqa: E402
+get_model_metadata_pb2 = pytest.importorskip(
+    "tensorflow_serving.apis.get_model_metadata_pb2")
+predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
 
 SIZE = 8
 
