@@ -160,18 +160,21 @@ def _is_tensor(value):
 
 
 def _float32_policies(obj):
-    """A copy of a serialised config with every mixed dtype policy float32."""
+    """A copy of a serialised config with every mixed dtype policy float32.
+
+    Only dtype policies change: a layer may well be named ``mixed_5b``.
+    """
     if isinstance(obj, dict):
         if obj.get("class_name") == "DTypePolicy" and isinstance(
                 obj.get("config"), dict):
             name = str(obj["config"].get("name", ""))
             if name.startswith("mixed_"):
                 return dict(obj, config=dict(obj["config"], name="float32"))
-        return {k: _float32_policies(v) for k, v in obj.items()}
+        return {k: "float32" if k == "dtype" and isinstance(v, str)
+                and v.startswith("mixed_") else _float32_policies(v)
+                for k, v in obj.items()}
     if isinstance(obj, list):
         return [_float32_policies(v) for v in obj]
-    if isinstance(obj, str) and obj.startswith("mixed_"):
-        return "float32"
     return obj
 
 
