@@ -112,6 +112,55 @@ def info(config, args):
     return 0
 
 
+def _lines(text):
+    return [line.strip() for line in str(text).splitlines() if line.strip()]
+
+
+def _config_load_error(error):
+    """One line from ml_collections' "earlier failure to load" error: the
+    last line of the original error names the file and the reason."""
+    lines = _lines(error.__cause__ or error) or [repr(error)]
+    return f"cannot load the --config file: {lines[-1]}"
+
+
+def _flag_error(error, argv):
+    """One line describing an exception raised while parsing ``argv``."""
+    if isinstance(error, OSError):
+        return _config_load_error(error)
+    if isinstance(error, (AttributeError, KeyError)):
+        # A locked config rejecting --config.<field>: ConfigDict's KeyError
+        # (with its "did you mean") hides in the exception chain.
+        while error.__context__ is not None and not isinstance(error,
+                                                               KeyError):
+            error = error.__context__
+        detail = _lines(error.args[0] if error.args else error)
+        overrides = [a.split("=")[0] for a in argv[1:]
+                     if a.lstrip("-").startswith("config.")]
+        return (f"unknown config field {detail[0] if detail else ''} in "
+                f"{' '.join(overrides)}" + "".join(f"; {d}" for d in detail[1:]))
+    lines = _lines(error) or [repr(error)]
+    if not isinstance(error, flags.Error):
+        lines[0] = f"{type(error).__name__}: {lines[0]}"
+    # Config files that raise are reported with a traceback in the message:
+    # its last line is the exception itself.
+    return lines[0] if len(lines) == 1 else f"{lines[0]} {lines[-1]}"
+
+
+def _parse_flags(argv):
+    """absl's flag parsing, with a bad flag, config file or config override
+    reported on one line (exit code 2) rather than as a traceback."""
+    try:
+        return flags.FLAGS(argv)
+    except Exception as e:  # noqa: BLE001 - any failure here is a user error
+        if "--debug" in argv:
+            raise
+        command = argv[1] if len(argv) > 1 and not argv[1].startswith("-") \
+            else ""
+        print(f"e2rnas {command}: error: {_flag_error(e, argv)}".replace(
+            "  ", " "), file=sys.stderr)
+        sys.exit(2)
+
+
 def _main(argv):
     if len(argv) < 2 or argv[1] in ("help", "-h"):
         print(_usage())
@@ -120,8 +169,15 @@ def _main(argv):
     if command not in COMMANDS:
         raise UsageError(
             f"unknown command {command!r}; expected one of {list(COMMANDS)}")
-    function, factory = _resolve(command)
     config = _CONFIG.value
+    if config is not None:
+        try:
+            # ml_collections defers a file-loading error to the first field
+            # access; surface it before any command module is imported.
+            config.get  # noqa: B018
+        except OSError as e:
+            raise UsageError(_config_load_error(e)) from None
+    function, factory = _resolve(command)
     if config is None:
         from e2rnas_tf import config_lib
         config = getattr(config_lib, factory)()
@@ -152,7 +208,7 @@ def main(argv):
 
 def run():
     """Console-script entry point."""
-    app.run(lambda argv: sys.exit(main(argv)))
+    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":
