@@ -50,12 +50,6 @@ from e2rnas_tf import search_space
 
 _PACKAGE = "e2rnas_tf"
 
-# Above this many channels per edge the block-diagonal 1x1 product (which
-# does `M` times the necessary multiply-adds but needs no transposes) loses
-# to a transposed batched matmul on CPU (measured at M=4: block-diagonal
-# 2x faster at 8-16 channels, equal at 32, 2.5x slower at 64).
-_BLOCK_DIAGONAL_MAX_CHANNELS = 32
-
 _CONV_SPECS = {
     # name: (kernel_size, dilation, separable)
     "sep_conv_3x3": (3, 1, True),
@@ -114,38 +108,21 @@ def _depthwise(x, kernel, kernel_size, stride, dilation):
     return tf.nn.depthwise_conv2d(x, kernel, [1, 1, 1, 1], "VALID")
 
 
-def batched_pointwise(x, kernels, edge_major):
+def grouped_pointwise(x, kernel):
     """Per-edge 1x1 convolutions of ``M`` edges stacked along channels.
 
     Args:
-        x: ``[N, H, W, M * C]``. Channel ``m * C + c`` holds edge ``m``'s
-            channel ``c`` if `edge_major`, else channel ``c * M + m`` does
-            (the layout a depthwise convolution with multiplier ``M``
-            produces).
-        kernels: ``[M, C, D]``, edge ``m``'s 1x1 kernel.
-        edge_major: layout of `x`, see above.
+        x: ``[N, H, W, M * C]``, edge-major: channel ``m * C + c`` holds
+            edge ``m``'s channel ``c``.
+        kernel: ``[1, 1, C, M * D]``; ``kernel[..., m * D : (m + 1) * D]``
+            is edge ``m``'s 1x1 kernel.
 
     Returns:
-        ``[N, H, W, M * D]``, edge-major: channel ``m * D + d`` is
-        ``sum_c x[edge m, channel c] * kernels[m, c, d]``.
+        ``[N, H, W, M * D]``, edge-major. A grouped convolution: on CPU it
+        was as fast as or faster than a block-diagonal matmul, a batched
+        matmul or per-edge convolutions at 8 to 64 channels.
     """
-    num, c_in, c_out = kernels.shape
-    height, width = x.shape[1], x.shape[2]
-    flat = tf.reshape(x, [-1, num * c_in])
-    if num == 1:
-        y = tf.matmul(flat, tf.reshape(kernels, [c_in, c_out]))
-    elif c_in <= _BLOCK_DIAGONAL_MAX_CHANNELS:
-        eye = tf.eye(num, dtype=kernels.dtype)
-        pattern = "mcd,mn->mcnd" if edge_major else "mcd,mn->cmnd"
-        kernel = tf.reshape(tf.einsum(pattern, kernels, eye),
-                            [num * c_in, num * c_out])
-        y = tf.matmul(flat, kernel)
-    else:
-        shape = [-1, num, c_in] if edge_major else [-1, c_in, num]
-        perm = [1, 0, 2] if edge_major else [2, 0, 1]
-        y = tf.matmul(tf.transpose(tf.reshape(flat, shape), perm), kernels)
-        y = tf.transpose(y, [1, 0, 2])
-    return tf.reshape(y, [-1, height, width, num * c_out])
+    return tf.nn.conv2d(x, kernel, 1, "VALID")
 
 
 def _pool(x, kind, stride):
@@ -236,56 +213,68 @@ class FusedSearchCell(keras.layers.Layer):
         """Whether op `name` has its own parameters or statistics per edge."""
         return name in _CONV_SPECS or (name == "skip_connect" and stride == 2)
 
-    def _stats(self, prefix, size):
-        mean = self.add_weight(shape=(size,), initializer="zeros",
-                               name=f"{prefix}_moving_mean", trainable=False,
-                               autocast=False)
-        var = self.add_weight(shape=(size,), initializer="ones",
-                              name=f"{prefix}_moving_variance",
-                              trainable=False, autocast=False)
-        return mean, var
+    def _bn_slots(self, j):
+        """``[(op name, tag, size)]``: the batch norms of state `j`, in the
+        order of their statistics in the state's statistics variables."""
+        stride, targets, _ = self._plan[j]
+        m, c = len(targets), self.channels
+        slots = []
+        for name in self.primitives:
+            if name in ("max_pool_3x3", "avg_pool_3x3"):
+                slots.append((name, "", c))
+            elif name == "skip_connect" and stride == 2:
+                slots.append((name, "", m * c))
+            elif name in _CONV_SPECS:
+                tags = ("1", "2") if _CONV_SPECS[name][2] else ("",)
+                slots.extend((name, tag, m * c) for tag in tags)
+        return slots
 
     def build(self, s0_shape, s1_shape=None, weights_shape=None):
         self.preprocess0.build(s0_shape)
         self.preprocess1.build(s1_shape)
         c = self.channels
-        # self._params[j][name] maps a role to a variable (a pair of
-        # variables for batch-norm statistics).
+        # self._params[j][name][role]: the kernels of op `name` on state j.
+        # self._stats[j]: (moving mean, moving variance) of all of state
+        # j's batch norms, concatenated (one read and one update per state
+        # instead of one per batch norm keeps the graph small).
         self._params = []
+        self._stats = []
         for j, (stride, targets, _) in enumerate(self._plan):
             m = len(targets)
             params = {}
             for name in self.primitives:
                 prefix = f"s{j}_{name}"
-                if name in ("max_pool_3x3", "avg_pool_3x3"):
-                    params[name] = {"bn": self._stats(prefix, c)}
-                elif name == "skip_connect" and stride == 2:
+                if name == "skip_connect" and stride == 2:
                     init = _he_normal(c)
                     params[name] = {
-                        "kernel_1": self.add_weight(
-                            shape=(m, c, c // 2), initializer=init,
-                            name=f"{prefix}_kernel_1"),
-                        "kernel_2": self.add_weight(
-                            shape=(m, c, c // 2), initializer=init,
-                            name=f"{prefix}_kernel_2"),
-                        "bn": self._stats(prefix, m * c),
-                    }
+                        key: self.add_weight(
+                            shape=(1, 1, c, m * (c // 2)), initializer=init,
+                            name=f"{prefix}_{key}")
+                        for key in ("kernel_1", "kernel_2")}
                 elif name in _CONV_SPECS:
                     k, _, separable = _CONV_SPECS[name]
-                    blocks = [("", (k, k, c, m))]
-                    if separable:
-                        blocks = [("1", (k, k, c, m)), ("2", (k, k, m * c, 1))]
+                    tags = ("1", "2") if separable else ("",)
                     entry = {}
-                    for tag, dw_shape in blocks:
+                    for tag in tags:
                         entry[f"depthwise{tag}"] = self.add_weight(
-                            shape=dw_shape, initializer=_he_normal(k * k * c),
+                            shape=(k, k, m * c, 1),
+                            initializer=_he_normal(k * k * c),
                             name=f"{prefix}_depthwise{tag}")
                         entry[f"pointwise{tag}"] = self.add_weight(
-                            shape=(m, c, c), initializer=_he_normal(c),
+                            shape=(1, 1, c, m * c), initializer=_he_normal(c),
                             name=f"{prefix}_pointwise{tag}")
-                        entry[f"bn{tag}"] = self._stats(f"{prefix}{tag}", m * c)
                     params[name] = entry
             self._params.append(params)
+            total = sum(size for _, _, size in self._bn_slots(j))
+            if not total:
+                self._stats.append(None)
+                continue
+            self._stats.append(tuple(
+                self.add_weight(shape=(total,), initializer=init,
+                                name=f"s{j}_{stat}", trainable=False,
+                                autocast=False)
+                for stat, init in (("moving_mean", "zeros"),
+                                   ("moving_variance", "ones"))))
 
     # -- forward --------------------------------------------------------------
 
@@ -294,71 +283,82 @@ class FusedSearchCell(keras.layers.Layer):
         # its float32 handle directly, skipping the layer's autocast.
         return tf.cast(variable.value, self.compute_dtype)
 
-    def _batch_norm(self, x, stats, scale, training):
-        """Non-affine BN of `x`, times `scale` (float32, one per channel)."""
-        mean, var = stats
-        offset = tf.zeros([x.shape[-1]], tf.float32)
-        if training:
-            momentum = ops_lib.BN_MOMENTUM
-            y, new_mean, new_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=x, scale=scale, offset=offset, mean=mean.value,
-                variance=var.value, epsilon=ops_lib.BN_EPSILON,
-                exponential_avg_factor=1.0 - momentum, data_format="NHWC",
-                is_training=True)
-            mean.assign(new_mean)
-            var.assign(new_var)
-            return y
-        y, _, _, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-            x=x, scale=scale, offset=offset, mean=mean.value,
-            variance=var.value, epsilon=ops_lib.BN_EPSILON,
-            data_format="NHWC", is_training=False)
-        return y
-
     def _edge_scales(self, weights):
-        """Per state and per-edge op: the op weight of each output channel.
+        """Per state and op: the op weight of each output channel.
 
         Returns ``scales[j][k]``, ``[M_j * channels]`` float32, channel
         ``m * channels + c`` holding the weight of op ``k`` on state
-        ``j``'s ``m``-th edge; and ``rows[j]``, ``[M_j, len(primitives)]``.
+        ``j``'s ``m``-th edge.
         """
         order = [e for _, _, edges in self._plan for e in edges]
-        rows = tf.gather(weights, order)  # state-major edge order
-        sizes = [len(edges) for _, _, edges in self._plan]
-        # Stride-2 skip_connect (FactorizedReduce) only in reduction cells.
-        per_edge = [k for k, name in enumerate(self.primitives)
-                    if self._is_per_edge(name, 2 if self.reduction else 1)]
+        sizes = [len(edges) * self.channels for _, _, edges in self._plan]
+        num_edges, num_ops = len(order), len(self.primitives)
+        # A constant permutation matrix rearranges the rows into state
+        # order; it is cheaper to trace and differentiate than a gather.
+        perm = np.zeros([num_edges, num_edges], np.float32)
+        perm[order, np.arange(num_edges)] = 1.0
+        cols = tf.matmul(weights, tf.constant(perm), transpose_a=True)
+        shape = [num_ops, num_edges, self.channels]
+        cols = tf.reshape(tf.broadcast_to(cols[:, :, None], shape),
+                          [num_ops, num_edges * self.channels])
         scales = [dict() for _ in self._plan]
-        if per_edge:
-            cols = tf.transpose(tf.gather(rows, per_edge, axis=1))
-            c = self.channels
-            shape = [len(per_edge), len(order), c]
-            cols = tf.reshape(tf.broadcast_to(cols[:, :, None], shape),
-                              [shape[0], shape[1] * c])
-            for k, col in zip(per_edge, tf.unstack(cols)):
-                for j, part in enumerate(
-                        tf.split(col, [s * c for s in sizes])):
-                    scales[j][k] = part
-        return scales, tf.split(rows, sizes)
+        for k, col in enumerate(tf.unstack(cols, num=num_ops)):
+            if self.primitives[k] == "none":
+                continue
+            for j, part in enumerate(tf.split(col, sizes)):
+                scales[j][k] = part
+        return scales
 
-    def _state_output(self, x, j, scales, rows, training):
+    def _state_output(self, x, j, scales, training):
         """Sum over ops of state `j`'s weighted outputs, ``[.., M * C]``."""
         stride, targets, _ = self._plan[j]
         m, c = len(targets), self.channels
         params = self._params[j]
-        relu = None
-        per_edge, shared, shared_k = [], [], []
+        slots = self._bn_slots(j)
+        if slots:
+            sizes = [size for _, _, size in slots]
+            mean, var = (tf.split(v.value, sizes) if len(sizes) > 1
+                         else [v.value] for v in self._stats[j])
+            stats = {slot[:2]: pair
+                     for slot, pair in zip(slots, zip(mean, var))}
+        updates = {}
+        ones_cache = {}
+
+        def batch_norm(y, name, tag, scale=None):
+            """Non-affine BN of `y`, times `scale` (float32, per channel)."""
+            n = y.shape[-1]
+            if n not in ones_cache:
+                ones_cache[n] = (tf.ones([n], tf.float32),
+                                 tf.zeros([n], tf.float32))
+            ones, zeros = ones_cache[n]
+            moving_mean, moving_var = stats[(name, tag)]
+            y, new_mean, new_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+                x=y, scale=ones if scale is None else scale, offset=zeros,
+                mean=moving_mean, variance=moving_var,
+                epsilon=ops_lib.BN_EPSILON,
+                exponential_avg_factor=(1.0 - ops_lib.BN_MOMENTUM
+                                        if training else 1.0),
+                data_format="NHWC", is_training=bool(training))
+            # In training mode the kernel returns the updated moving
+            # statistics (unbiased batch variance), as ops.BatchNorm uses.
+            updates[(name, tag)] = (new_mean, new_var)
+            return y
+
+        relu = tiled = None
+        outputs = []
         for k, name in enumerate(self.primitives):
             if name == "none":
                 continue
             if not self._is_per_edge(name, stride):
+                # Same output on every edge: compute once, copy per edge
+                # and weight each copy.
                 if name == "skip_connect":
                     y = x
                 else:
-                    y = self._batch_norm(
-                        _pool(x, name[:3], stride), params[name]["bn"],
-                        tf.ones([c], tf.float32), training)
-                shared.append(y)
-                shared_k.append(k)
+                    y = batch_norm(_pool(x, name[:3], stride), name, "")
+                if m > 1:
+                    y = tf.tile(y, [1, 1, 1, m])
+                outputs.append(y * tf.cast(scales[k], y.dtype))
                 continue
             if relu is None:
                 relu = tf.nn.relu(x)
@@ -370,48 +370,40 @@ class FusedSearchCell(keras.layers.Layer):
                 shifted = shifted[:, 1:, 1:, :]
                 halves = []
                 for branch, key in ((relu, "kernel_1"), (shifted, "kernel_2")):
-                    kernel = tf.transpose(self._read(p[key]), [1, 0, 2])
-                    y = tf.nn.conv2d(branch, tf.reshape(kernel, [1, 1, c, -1]),
-                                     2, "VALID")
+                    y = tf.nn.conv2d(branch, self._read(p[key]), 2, "VALID")
                     halves.append(tf.reshape(
                         y, [-1, y.shape[1], y.shape[2], m, c // 2]))
                 y = tf.concat(halves, axis=-1)
                 y = tf.reshape(y, [-1, y.shape[1], y.shape[2], m * c])
-                per_edge.append(self._batch_norm(y, p["bn"], scales[k],
-                                                 training))
+                outputs.append(batch_norm(y, name, "", scales[k]))
                 continue
+            if tiled is None:
+                # M copies of the ReLU, edge-major: every depthwise
+                # convolution then has multiplier 1 (TF's multiplier > 1
+                # kernels are 1.5-2x slower, mostly in the backward pass).
+                tiled = tf.tile(relu, [1, 1, 1, m]) if m > 1 else relu
             size, dilation, separable = _CONV_SPECS[name]
-            ones = tf.ones([m * c], tf.float32)
             tag = "1" if separable else ""
-            y = _depthwise(relu, self._read(p[f"depthwise{tag}"]), size, stride,
-                           dilation)
-            y = batched_pointwise(y, self._read(p[f"pointwise{tag}"]),
-                                  edge_major=False)
+            y = _depthwise(tiled, self._read(p[f"depthwise{tag}"]), size,
+                           stride, dilation)
+            y = grouped_pointwise(y, self._read(p[f"pointwise{tag}"]))
             if separable:
-                y = self._batch_norm(y, p["bn1"], ones, training)
+                y = batch_norm(y, name, "1")
                 y = _depthwise(tf.nn.relu(y), self._read(p["depthwise2"]), size,
                                1, 1)
-                y = batched_pointwise(y, self._read(p["pointwise2"]),
-                                      edge_major=True)
-                y = self._batch_norm(y, p["bn2"], scales[k], training)
+                y = grouped_pointwise(y, self._read(p["pointwise2"]))
+                y = batch_norm(y, name, "2", scales[k])
             else:
-                y = self._batch_norm(y, p["bn"], scales[k], training)
-            per_edge.append(y)
-        if shared:
-            # out[.., m*C + d] = sum_k w[m, k] * shared_k[.., d]: one matmul
-            # with the Kronecker product of the weights and an identity.
-            w = tf.gather(rows, shared_k, axis=1)
-            kernel = tf.einsum("mk,cd->kcmd", w, tf.eye(c, dtype=w.dtype))
-            kernel = tf.cast(tf.reshape(kernel, [len(shared) * c, m * c]),
-                             x.dtype)
-            stacked = shared[0] if len(shared) == 1 \
-                else tf.concat(shared, axis=-1)
-            height, width = stacked.shape[1], stacked.shape[2]
-            y = tf.matmul(tf.reshape(stacked, [-1, len(shared) * c]), kernel)
-            per_edge.append(tf.reshape(y, [-1, height, width, m * c]))
-        if not per_edge:
+                y = batch_norm(y, name, "", scales[k])
+            outputs.append(y)
+        if training and slots:
+            for v, i in zip(self._stats[j], (0, 1)):
+                parts = [updates[slot[:2]][i] for slot in slots]
+                v.assign(parts[0] if len(parts) == 1
+                         else tf.concat(parts, axis=0))
+        if not outputs:
             return None
-        return per_edge[0] if len(per_edge) == 1 else tf.add_n(per_edge)
+        return outputs[0] if len(outputs) == 1 else tf.add_n(outputs)
 
     def call(self, s0, s1, weights, training=False):
         weights = tf.cast(weights, tf.float32)
@@ -421,12 +413,12 @@ class FusedSearchCell(keras.layers.Layer):
                           self.compute_dtype),
                   tf.cast(self.preprocess1(s1, training=training),
                           self.compute_dtype)]
-        scales, rows = self._edge_scales(weights)
+        scales = self._edge_scales(weights)
         inputs = [[] for _ in range(self.steps)]
         for j, (stride, targets, _) in enumerate(self._plan):
             if j >= 2:
                 states.append(self._node(inputs[j - 2], states[1]))
-            y = self._state_output(states[j], j, scales[j], rows[j], training)
+            y = self._state_output(states[j], j, scales[j], training)
             if y is None:
                 continue
             parts = tf.split(y, len(targets), axis=-1) if len(targets) > 1 \
@@ -459,14 +451,12 @@ class FusedSearchCell(keras.layers.Layer):
 # -- conversion to and from SearchCell -------------------------------------
 
 def _layout(fused_cell, reference_cell):
-    """``[(fused_variable, kind, reference_variables)]`` for every variable.
+    """``[(fused_variable, kind, groups)]`` for every fused variable.
 
-    `kind` says how the reference's per-edge variables combine into the
-    fused one: "stack_last" (depthwise kernels ``[k, k, C, 1]`` -> ``[k, k,
-    C, M]``), "concat_channels" (``[k, k, C, 1]`` -> ``[k, k, M * C, 1]``),
-    "stack_1x1" (``[1, 1, C, D]`` -> ``[M, C, D]``), "concat" (statistics
-    ``[C]`` -> ``[M * C]``), "shared" (identical per-edge statistics -> one),
-    "same" (a one-to-one copy).
+    `groups` lists, per part of the fused variable, the reference variables
+    it corresponds to (one, or a pooling op's per-edge statistics, which
+    are equal). `kind` is "same" (a one-to-one copy) or a key of `_AXES`,
+    the axis along which the parts are concatenated.
     """
     for name in ("channels", "reduction", "reduction_prev", "steps",
                  "multiplier", "primitives"):
@@ -484,74 +474,72 @@ def _layout(fused_cell, reference_cell):
         fused_pre = getattr(fused_cell, pre)
         ref_pre = getattr(reference_cell, pre)
         for f, r in zip(fused_pre.variables, ref_pre.variables):
-            layout.append((f, "same", [r]))
+            layout.append((f, "same", [[r]]))
     for j, (stride, _, edges) in enumerate(fused_cell._plan):
         mixed = [reference_cell.edges[e] for e in edges]
         for k, name in enumerate(fused_cell.primitives):
-            if name == "none" or (name == "skip_connect" and stride == 1):
+            if not fused_cell._is_per_edge(name, stride):
                 continue
             p = fused_cell._params[j][name]
             ops = [mo.candidates[k] for mo in mixed]
-            if name in ("max_pool_3x3", "avg_pool_3x3"):
-                bns = [mo.pool_bns[name] for mo in mixed]
-                layout.append((p["bn"][0], "shared",
-                               [bn.moving_mean for bn in bns]))
-                layout.append((p["bn"][1], "shared",
-                               [bn.moving_variance for bn in bns]))
-                continue
             if name == "skip_connect":
-                layout.append((p["kernel_1"], "stack_1x1",
-                               [op.kernel_1 for op in ops]))
-                layout.append((p["kernel_2"], "stack_1x1",
-                               [op.kernel_2 for op in ops]))
-                bns = [op.bn for op in ops]
-            else:
-                _, _, separable = _CONV_SPECS[name]
-                blocks = [("1", [op.block_1 for op in ops], "stack_last"),
-                          ("2", [op.block_2 for op in ops],
-                           "concat_channels")] if separable \
-                    else [("", ops, "stack_last")]
-                for tag, convs, dw_kind in blocks:
-                    layout.append((p[f"depthwise{tag}"], dw_kind,
-                                   [op.depthwise_kernel for op in convs]))
-                    layout.append((p[f"pointwise{tag}"], "stack_1x1",
-                                   [op.pointwise_kernel for op in convs]))
-                    layout.append((p[f"bn{tag}"][0], "concat",
-                                   [op.bn.moving_mean for op in convs]))
-                    layout.append((p[f"bn{tag}"][1], "concat",
-                                   [op.bn.moving_variance for op in convs]))
+                for key in ("kernel_1", "kernel_2"):
+                    layout.append((p[key], "concat_out",
+                                   [[getattr(op, key)] for op in ops]))
                 continue
-            layout.append((p["bn"][0], "concat",
-                           [bn.moving_mean for bn in bns]))
-            layout.append((p["bn"][1], "concat",
-                           [bn.moving_variance for bn in bns]))
+            blocks = [("", ops)]
+            if _CONV_SPECS[name][2]:
+                blocks = [("1", [op.block_1 for op in ops]),
+                          ("2", [op.block_2 for op in ops])]
+            for tag, convs in blocks:
+                layout.append((p[f"depthwise{tag}"], "concat_in",
+                               [[op.depthwise_kernel] for op in convs]))
+                layout.append((p[f"pointwise{tag}"], "concat_out",
+                               [[op.pointwise_kernel] for op in convs]))
+        if fused_cell._stats[j] is None:
+            continue
+        # Groups of reference batch norms, in the order of _bn_slots: a
+        # pooling op's per-edge batch norms share one slot.
+        groups = []
+        for name, tag, _ in fused_cell._bn_slots(j):
+            k = fused_cell.primitives.index(name)
+            ops = [mo.candidates[k] for mo in mixed]
+            if name in ("max_pool_3x3", "avg_pool_3x3"):
+                groups.append([[mo.pool_bns[name] for mo in mixed]])
+            elif name == "skip_connect":
+                groups.append([[op.bn] for op in ops])
+            elif tag:
+                groups.append([[getattr(op, f"block_{tag}").bn]
+                               for op in ops])
+            else:
+                groups.append([[op.bn] for op in ops])
+        bns = [group for slot in groups for group in slot]
+        for variable, stat in zip(fused_cell._stats[j],
+                                  ("moving_mean", "moving_variance")):
+            layout.append((variable, "concat",
+                           [[getattr(bn, stat) for bn in group]
+                            for group in bns]))
     return layout
+
+
+# Axis along which the per-edge parts of a fused variable are concatenated:
+# "concat_in" for depthwise kernels ([k, k, C, 1] -> [k, k, M * C, 1]),
+# "concat_out" for 1x1 kernels ([1, 1, C, D] -> [1, 1, C, M * D]), "concat"
+# for statistics ([C] -> [M * C]).
+_AXES = {"concat_in": 2, "concat_out": 3, "concat": 0}
 
 
 def _combine(kind, parts):
     if kind == "same":
         return parts[0]
-    if kind == "shared":
-        return parts[0]
-    if kind == "stack_last":
-        return tf.concat(parts, axis=-1)
-    if kind == "concat_channels":
-        return tf.concat(parts, axis=2)
-    if kind == "stack_1x1":
-        return tf.stack([p[0, 0] for p in parts])
-    return tf.concat(parts, axis=0)  # "concat"
+    return tf.concat(parts, axis=_AXES[kind])
 
 
-def _split(kind, value, count):
-    if kind in ("same", "shared"):
-        return [value] * count
-    if kind == "stack_last":
-        return tf.split(value, count, axis=-1)
-    if kind == "concat_channels":
-        return tf.split(value, count, axis=2)
-    if kind == "stack_1x1":
-        return [p[None, None] for p in tf.unstack(value, num=count)]
-    return tf.split(value, count, axis=0)
+def _split(kind, value, groups):
+    if kind == "same":
+        return [value]
+    axis = _AXES[kind]
+    return tf.split(value, [int(g[0].shape[axis]) for g in groups], axis=axis)
 
 
 def from_reference(fused_cell, reference_cell, fetch=None):
@@ -570,8 +558,11 @@ def from_reference(fused_cell, reference_cell, fetch=None):
     """
     if fetch is None:
         fetch = lambda v: tf.convert_to_tensor(v.value)  # noqa: E731
-    return [(f, _combine(kind, [fetch(r) for r in refs]))
-            for f, kind, refs in _layout(fused_cell, reference_cell)]
+    # Each group of reference variables maps to one part of a fused
+    # variable; the members of a group (a pooling op's per-edge statistics)
+    # hold equal values, so the first stands for all.
+    return [(f, _combine(kind, [fetch(group[0]) for group in groups]))
+            for f, kind, groups in _layout(fused_cell, reference_cell)]
 
 
 def load_from_reference(fused_cell, reference_cell):
@@ -605,7 +596,8 @@ def load_into_reference(reference_cell, fused_cell):
         reference_cell: a built `search_space.SearchCell`.
         fused_cell: a built `FusedSearchCell` with the same configuration.
     """
-    for variable, kind, refs in _layout(fused_cell, reference_cell):
+    for variable, kind, groups in _layout(fused_cell, reference_cell):
         value = tf.convert_to_tensor(variable.value)
-        for ref, part in zip(refs, _split(kind, value, len(refs))):
-            ref.assign(tf.cast(part, ref.dtype))
+        for group, part in zip(groups, _split(kind, value, groups)):
+            for ref in group:
+                ref.assign(tf.cast(part, ref.dtype))

@@ -224,21 +224,16 @@ def test_state_plan_covers_every_edge_once():
             assert seen == expected
 
 
-@pytest.mark.parametrize("channels", [3, 40])  # block-diagonal / batched
-@pytest.mark.parametrize("edge_major", [False, True])
-def test_batched_pointwise_against_numpy(channels, edge_major):
-    rng = np.random.RandomState(channels)
-    m, d = 3, 5
-    x = rng.randn(2, 3, 4, m * channels).astype(np.float32)
-    kernels = rng.randn(m, channels, d).astype(np.float32)
-    y = fused_cell.batched_pointwise(tf.constant(x), tf.constant(kernels),
-                                     edge_major).numpy()
-    if edge_major:
-        per_edge = x.reshape(2, 3, 4, m, channels)
-    else:
-        per_edge = np.swapaxes(x.reshape(2, 3, 4, channels, m), 3, 4)
-    expected = np.einsum("nhwmc,mcd->nhwmd", per_edge, kernels)
-    np.testing.assert_allclose(y, expected.reshape(2, 3, 4, m * d),
+def test_grouped_pointwise_against_numpy():
+    rng = np.random.RandomState(0)
+    m, c, d = 3, 4, 5
+    x = rng.randn(2, 3, 4, m * c).astype(np.float32)
+    kernels = rng.randn(m, c, d).astype(np.float32)
+    packed = np.concatenate(list(kernels), axis=-1)[None, None]
+    y = fused_cell.grouped_pointwise(tf.constant(x), tf.constant(packed))
+    expected = np.einsum("nhwmc,mcd->nhwmd", x.reshape(2, 3, 4, m, c),
+                         kernels)
+    np.testing.assert_allclose(y.numpy(), expected.reshape(2, 3, 4, m * d),
                                atol=1e-4, rtol=1e-4)
 
 
