@@ -236,6 +236,10 @@ def make_train_step(model, optimizer, strategy, config):
         batch), ``grad_norm`` (before clipping) and ``loss_scale``.
     """
     variables = model.trainable_variables
+    if not optimizer.built:
+        # Slots (and the loss scale) must exist before tracing, in scope.
+        with strategy.scope():
+            optimizer.build(variables)
     aux_weight = float(config.model.auxiliary_weight)
     weight_decay = float(config.optim.weight_decay)
     clip = float(config.optim.grad_clip)

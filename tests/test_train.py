@@ -262,3 +262,49 @@ def test_resume_mid_epoch_matches_an_uninterrupted_run(tmp_path):
     for a, b in zip(full.weights, resumed.weights):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5,
                                    atol=1e-6, err_msg=a.path)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16"])
+def test_train_step_under_mixed_precision(policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        net = _tiny_net()
+        sgd = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
+        # A loss scale of 2**24 overflows float16 gradients for sure.
+        optimizer = (keras.optimizers.LossScaleOptimizer(
+            sgd, initial_scale=2.0 ** 24)
+                     if policy == "mixed_float16" else sgd)
+        step = train_lib.make_train_step(
+            net, optimizer, tf.distribute.get_strategy(), _step_config())
+        images = tf.random.stateless_uniform([8, 8, 8, 3], seed=[0, 3])
+        labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2])
+        # Under float16 a step may overflow at the current loss scale: it
+        # must then leave the weights alone and halve the scale.
+        records = []
+        for i in range(4):
+            before = [v.numpy().copy() for v in net.trainable_variables]
+            out = step(images, labels, tf.constant(i, tf.int64))
+            after = [v.numpy().copy() for v in net.trainable_variables]
+            records.append((before, {k: float(v) for k, v in out.items()},
+                            after))
+        logits = net(images)
+        final_scale = float(train_lib._loss_scale(optimizer))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert logits.dtype == tf.float32
+    assert all(v.dtype == "float32" for v in net.trainable_variables)
+    scales = [out["loss_scale"] for _, out, _ in records] + [final_scale]
+    if policy == "mixed_bfloat16":
+        assert scales == [1.0] * 5
+    for k, (before, out, after) in enumerate(records):
+        changed = any(not np.array_equal(b, a) for b, a in zip(before, after))
+        if np.isfinite(out["grad_norm"]):
+            # The reported norm is in loss units, not loss-scale units.
+            assert 0.0 < out["grad_norm"] < 1e3
+            assert changed and scales[k + 1] >= scales[k]
+        else:
+            assert policy == "mixed_float16"
+            assert not changed and scales[k + 1] == scales[k] / 2
+        assert all(np.all(np.isfinite(a)) for a in after)
+    finite = [np.isfinite(out["grad_norm"]) for _, out, _ in records]
+    assert all(finite) if policy == "mixed_bfloat16" else not finite[0]
