@@ -367,8 +367,8 @@ def evaluate_model(model, dataset, *, attacks=("fgsm", "pgd", "mim"),
     Example:
 
     >>> report = evaluate_model(model, (x_test, y_test), epsilons=[2, 8])
-    >>> report["robust_accuracy"]["pgd"]["8"]
-    0.47...
+    >>> report["robust_accuracy"]["pgd"]["8"]  # share of x_test, e.g.
+    0.47
 
     Reference:
         https://arxiv.org/abs/2011.09820 (E2RNAS, Table 2 protocol)
@@ -395,16 +395,20 @@ def evaluate_model(model, dataset, *, attacks=("fgsm", "pgd", "mim"),
         labels = tf.TensorSpec((None,), tf.int32)
         scalar = tf.TensorSpec((), tf.float32)
 
-        def compile_fn(fn, signature=(images, labels, scalar, scalar)):
+        def compile_fn(fn, signature=(images, labels, scalar, scalar),
+                       autograph=True):
             # A batch axis of None: the last, partial batch reuses the trace.
+            # Autograph turns cleverhans' Python while loops into one
+            # tf.while_loop (steps is a tensor), keeping the graph small.
             return tf.function(fn, input_signature=signature,
+                               autograph=autograph,
                                jit_compile=bool(jit_compile))
 
         def predict(x):
             return tf.argmax(model_fn(x), axis=-1, output_type=tf.int32)
 
         state.update(note=note, model_fn=model_fn, functions={},
-                     predict=compile_fn(predict, (images,)),
+                     predict=compile_fn(predict, (images,), False),
                      compile_fn=compile_fn)
 
     def attack_fn(name, eps):

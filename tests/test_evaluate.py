@@ -399,3 +399,61 @@ def test_evaluate_command_rejects_missing_checkpoint(tmp_path):
                     extra=())
     with pytest.raises(ValueError, match="does not exist"):
         evaluate.main(config, args)
+
+
+def test_evaluate_command_line_on_a_trained_model(tmp_path, subprocess_env):
+    # The real entry point: flag parsing (tuple overrides), loading a .keras
+    # file of a plain Keras model, the data pipeline and the outputs. The
+    # clean accuracy must equal the model's own, computed here on the same
+    # seeded subset.
+    import subprocess
+    import sys
+
+    from e2rnas_tf import data as data_lib
+
+    data_cfg = config_lib.data_config(image_size=4)
+    train, test, _ = data_lib.load(data_cfg)
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([
+        keras.Input((4, 4, 3)), keras.layers.Conv2D(8, 3, padding="same"),
+        keras.layers.ReLU(), keras.layers.Flatten(), keras.layers.Dense(10)])
+    model.compile(optimizer=keras.optimizers.Adam(0.01),
+                  loss=keras.losses.SparseCategoricalCrossentropy(
+                      from_logits=True))
+    model.fit(train.images / 255.0, train.labels, batch_size=100, epochs=3,
+              verbose=0)
+    model.save(tmp_path / "tiny.keras")
+    subset = evaluate._subset(test, 40, seed=0)
+    expected = np.mean(model.predict(subset.images / 255.0, verbose=0)
+                       .argmax(-1) == subset.labels)
+
+    (tmp_path / "cfg.py").write_text(
+        "from e2rnas_tf import config_lib\n\n\n"
+        "def get_config():\n"
+        "    c = config_lib.train_config()\n"
+        "    c.data.image_size = 4\n"
+        "    c.lock()\n"
+        "    return c\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "e2rnas_tf", "evaluate",
+         f"--config={tmp_path / 'cfg.py'}",
+         f"--checkpoint={tmp_path / 'tiny.keras'}",
+         f"--workdir={tmp_path / 'out'}",
+         "--config.evaluate.num_examples=40",
+         "--config.evaluate.attacks=('fgsm', 'bim')",
+         "--config.evaluate.epsilons=(4.0, 16.0)",
+         "--config.evaluate.pgd_steps=3"],
+        env=subprocess_env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "evaluation.json").read_text())
+    assert report["num_examples"] == 40
+    assert report["clean_accuracy"] == pytest.approx(expected)
+    assert report["clean_accuracy"] > 0.1  # trained: above chance
+    assert report["evaluate_config"]["attacks"] == ["fgsm", "bim"]
+    assert set(report["robust_accuracy"]) == {"fgsm", "bim"}
+    assert set(report["robust_accuracy"]["bim"]) == {"4", "16"}
+    assert report["params"] == model.count_params()
+    assert report["flops"] == 4 * 4 * 3 * 3 * 3 * 8 + 4 * 4 * 8 * 10
+    table = (tmp_path / "out" / "evaluation.md").read_text()
+    assert table in result.stdout  # the table is printed too
+    assert "| BIM-3 |" in table
