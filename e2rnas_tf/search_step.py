@@ -280,9 +280,13 @@ class SearchStep(tf.Module):
         self.strategy = strategy or tf.distribute.get_strategy()
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
         self.float16 = config.mixed_precision == "mixed_float16"
+        # With one objective there is nothing to balance: its gradient is
+        # used as is, so `objectives=[acc]` is exactly DARTS.
+        normalization = (config.combine.normalization
+                         if len(self.objectives) > 1 else "none")
         self.combine_kwargs = dict(
             method=config.combine.method,
-            normalization=config.combine.normalization,
+            normalization=normalization,
             apply_to=config.combine.apply_to,
             fixed_weights=(list(config.combine.weights)
                            if config.combine.method == "fixed" else None))
@@ -487,7 +491,8 @@ class SearchStep(tf.Module):
             coef = weights[k]
             if normalized:
                 coef = coef * normalization_scale(
-                    alpha_grads[k], losses[k], cfg.combine.normalization)
+                    alpha_grads[k], losses[k],
+                    self.combine_kwargs["normalization"])
             term = [coef * t for t in g]
             v = term if v is None else [a + b for a, b in zip(v, term)]
         if v is None:

@@ -1,0 +1,371 @@
+"""Tests of the E2RNAS search step and run (`e2rnas_tf.search*`).
+
+Tiny sizes throughout: 3 cells of 2 nodes, 4 channels, 4 candidate ops,
+8x8 images, batch 8. Single steps run eagerly (tracing the step costs more
+than running it a few times); the short searches and the CLI run compiled.
+"""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from e2rnas_tf import config_lib
+from e2rnas_tf import genotypes
+from e2rnas_tf import objectives as obj_lib
+from e2rnas_tf import search
+from e2rnas_tf import search_step as step_lib
+from e2rnas_tf.search_space import SearchNetwork
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRIMITIVES = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"]
+TINY_FLAGS = [
+    "--config.model.layers=3", "--config.model.channels=4",
+    "--config.model.steps=2", "--config.model.multiplier=2",
+    "--config.data.image_size=8", "--config.batch_size=8",
+    "--config.data.num_train=200", "--config.data.num_test=40",
+    "--config.eval_batch_size=16", "--config.resource.layers=5",
+    "--config.resource.channels=8", "--config.log_every=1",
+]
+
+
+def tiny_config(**overrides):
+    c = config_lib.search_config()
+    c.model.layers = 3
+    c.model.channels = 4
+    c.model.steps = 2
+    c.model.multiplier = 2
+    c.model.primitives = list(PRIMITIVES)
+    c.data.image_size = 8
+    c.data.num_train = 200
+    c.data.num_test = 40
+    c.batch_size = 8
+    c.eval_batch_size = 16
+    c.epochs = 2
+    c.resource.layers = 5
+    c.resource.channels = 8
+    c.resource.params_constraint = "none"
+    c.objectives = ["acc"]
+    c.log_every = 1000
+    for key, value in overrides.items():
+        node = c
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    c.lock()
+    return c
+
+
+@pytest.fixture
+def eager():
+    tf.config.run_functions_eagerly(True)
+    yield
+    tf.config.run_functions_eagerly(False)
+
+
+def make_step(config, seed=0):
+    keras.utils.set_random_seed(seed)
+    net = SearchNetwork(channels=4, num_classes=10, layers=3, steps=2,
+                        multiplier=2, primitives=PRIMITIVES, alpha_seed=seed)
+    net.build((None, 8, 8, 3))
+    # A visible alpha, so the softmax is not uniform and every op counts.
+    rng = np.random.default_rng(seed + 7)
+    for a in net.arch_variables:
+        a.assign(rng.normal(0.0, 0.5, a.shape).astype(np.float32))
+    step = step_lib.SearchStep(net, config, num_classes=10, image_size=8,
+                               steps_per_epoch=10)
+    return net, step
+
+
+def batch(seed):
+    rng = np.random.default_rng(seed)
+    return (tf.constant(rng.random((8, 8, 8, 3)), tf.float32),
+            tf.constant(rng.integers(0, 10, 8), tf.int32))
+
+
+def values(variables):
+    return [np.array(v.numpy()) for v in variables]
+
+
+def ce_grads(net, images, labels, variables):
+    with tf.GradientTape() as tape:
+        logits = net(images, training=True)
+        loss = obj_lib.cross_entropy(logits, labels)
+    return loss, [g.numpy() for g in tape.gradient(loss, variables)]
+
+
+def adam_reference(params, grads, lr, beta1, beta2, wd, eps=1e-8, t=1):
+    """PyTorch's Adam (L2 in the gradient), first step from zero moments."""
+    out = []
+    for p, g in zip(params, grads):
+        g = g + wd * p
+        m = (1 - beta1) * g
+        v = (1 - beta2) * g * g
+        m_hat, v_hat = m / (1 - beta1 ** t), v / (1 - beta2 ** t)
+        out.append(p - lr * m_hat / (np.sqrt(v_hat) + eps))
+    return out
+
+
+def test_acc_only_step_is_plain_darts_first_order(eager):
+    config = tiny_config(**{"combine.normalization": "l2"})
+    net, step = make_step(config)
+    train, valid = batch(1), batch(2)
+    alpha0, w0 = values(net.arch_variables), values(net.weight_variables)
+    _, g_alpha = ce_grads(net, *valid, net.arch_variables)
+
+    metrics = step(train, valid)
+
+    # alpha: one Adam step on the raw validation gradient (MGDA with K=1
+    # gives weight 1 and no normalisation).
+    a = config.arch
+    expected = adam_reference(alpha0, g_alpha, a.lr, a.beta1, a.beta2,
+                              a.weight_decay)
+    alpha1 = values(net.arch_variables)
+    for got, want in zip(alpha1, expected):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-7)
+    assert float(metrics["weight/acc"]) == 1.0
+    assert float(metrics["skipped"]) == 0.0
+
+    # w: one SGD step (clip at norm 5, then L2) at the *new* alpha.
+    w1 = values(net.weight_variables)
+    for v, x in zip(net.weight_variables, w0):
+        v.assign(x)
+    _, g_w = ce_grads(net, *train, net.weight_variables)
+    norm = np.sqrt(sum(float(np.sum(g.astype(np.float64) ** 2)) for g in g_w))
+    scale = min(1.0, config.optim.grad_clip / norm)
+    o = config.optim
+    for got, w, g in zip(w1, w0, g_w):
+        want = w - o.lr * (scale * g + o.weight_decay * w)
+        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
+    assert int(step.iterations.numpy()) == 1
+
+
+class SmoothNet(keras.Model):
+    """A smooth stand-in for the supernet (same alpha shapes).
+
+    Finite-difference Hessian-vector products on a ReLU / max-pool network
+    of this size are dominated by kinks crossed within the eps-ball, so the
+    second-order maths is checked on a network that is smooth in both w
+    and alpha (and nonlinear in both, with cross terms).
+    """
+
+    def __init__(self):
+        super().__init__()
+        init = keras.initializers.RandomNormal(stddev=0.5, seed=3)
+        self.alpha_normal = self.add_weight(shape=(5, 4), initializer=init,
+                                            name="alpha_normal")
+        self.alpha_reduce = self.add_weight(shape=(5, 4), initializer=init,
+                                            name="alpha_reduce")
+        self.w1 = self.add_weight(shape=(192, 16), initializer=init)
+        self.w2 = self.add_weight(shape=(40, 16), initializer=init)
+        self.w3 = self.add_weight(shape=(16, 10), initializer=init)
+
+    @property
+    def arch_variables(self):
+        return [self.alpha_normal, self.alpha_reduce]
+
+    @property
+    def weight_variables(self):
+        return [self.w1, self.w2, self.w3]
+
+    def call(self, images, training=False):
+        x = tf.reshape(images, [-1, 192])
+        h = tf.tanh(tf.matmul(x, self.w1) / 8.0)
+        gate = tf.concat([tf.reshape(tf.nn.softmax(self.alpha_normal), [-1]),
+                          tf.reshape(tf.nn.softmax(self.alpha_reduce), [-1])],
+                         axis=0)
+        h = h * tf.tanh(tf.matmul(gate[None], self.w2))
+        return tf.matmul(h, self.w3)
+
+
+def test_second_order_matches_autodiff_through_virtual_step(eager):
+    # A large lr makes the implicit (Hessian) term a sizeable part.
+    lr = 0.5
+    config = tiny_config(**{"arch.order": "second", "optim.lr": lr,
+                            "optim.lr_min": lr})
+    net = SmoothNet()
+    net.build((None, 8, 8, 3))
+    step = step_lib.SearchStep(net, config, num_classes=10, image_size=8,
+                               steps_per_epoch=10)
+    train, valid = batch(3), batch(4)
+    rng = np.random.default_rng(5)
+    for b in step.w_optimizer.buffers:
+        b.assign(rng.normal(0.0, 0.1, b.shape).astype(np.float32))
+    w_vars, alpha = net.weight_variables, net.arch_variables
+    w0 = values(w_vars)
+
+    out = step.arch_direction(valid, train, tf.constant(lr),
+                              tf.constant([0, 0], tf.int32))
+    fd = np.concatenate([d.numpy().ravel() for d in out["direction"]])
+    for v, x in zip(w_vars, w0):  # restored exactly
+        np.testing.assert_array_equal(v.numpy(), x)
+
+    # Exact: d/dalpha L_val(w'(alpha), alpha) through the virtual step.
+    sgd = step.w_optimizer
+    with tf.GradientTape(persistent=True) as outer:
+        with tf.GradientTape() as inner:
+            loss = obj_lib.cross_entropy(net(train[0]), train[1])
+        g_train = inner.gradient(loss, w_vars)
+        w_virtual = [w - lr * (sgd.momentum * b + g + sgd.weight_decay * w)
+                     for w, b, g in zip(w_vars, sgd.buffers, g_train)]
+        with keras.StatelessScope(state_mapping=list(zip(w_vars, w_virtual))):
+            val_loss = obj_lib.cross_entropy(net(valid[0]), valid[1])
+    exact = np.concatenate(
+        [g.numpy().ravel() for g in outer.gradient(val_loss, alpha)])
+    # The partial derivative alone (w' held fixed) isolates the implicit
+    # term that the finite differences approximate.
+    w_fixed = [tf.constant(w.numpy()) for w in w_virtual]
+    with tf.GradientTape() as tape:
+        with keras.StatelessScope(state_mapping=list(zip(w_vars, w_fixed))):
+            val_loss = obj_lib.cross_entropy(net(valid[0]), valid[1])
+    partial = np.concatenate(
+        [g.numpy().ravel() for g in tape.gradient(val_loss, alpha)])
+
+    implicit_fd, implicit_exact = fd - partial, exact - partial
+    assert np.linalg.norm(implicit_exact) > 0.1 * np.linalg.norm(exact)
+    cosine = implicit_fd @ implicit_exact / (
+        np.linalg.norm(implicit_fd) * np.linalg.norm(implicit_exact))
+    assert cosine > 0.99
+    np.testing.assert_allclose(fd, exact, rtol=0.0,
+                               atol=0.02 * np.abs(exact).max())
+
+
+def test_second_order_step_on_the_supernet_is_finite(eager):
+    config = tiny_config(**{"arch.order": "second",
+                            "objectives": ["acc", "adv", "params"]})
+    net, step = make_step(config)
+    metrics = step(batch(3), batch(4))
+    assert float(metrics["skipped"]) == 0.0
+    weights = [float(metrics[f"weight/{n}"]) for n in ("acc", "adv", "params")]
+    assert abs(sum(weights) - 1.0) < 1e-5
+
+
+def test_fixed_weights_use_the_first_objectives_gradient(eager):
+    train, valid = batch(6), batch(7)
+    net_a, step_a = make_step(tiny_config(**{
+        "objectives": ["acc", "params"], "combine.method": "fixed",
+        "combine.weights": [1.0, 0.0], "combine.normalization": "none"}))
+    metrics = step_a(train, valid)
+    net_b, step_b = make_step(tiny_config())
+    step_b(train, valid)
+    assert float(metrics["weight/params"]) == 0.0
+    assert float(metrics["objective/params"]) > 0.0
+    for a, b in zip(values(net_a.arch_variables), values(net_b.arch_variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+
+
+def test_nonfinite_batch_skips_the_step(eager):
+    config = tiny_config(objectives=["acc", "params"])
+    net, step = make_step(config)
+    train, (xv, yv) = batch(8), batch(9)
+    bad = tf.tensor_scatter_nd_update(xv, [[0, 0, 0, 0]], [np.nan])
+    before = values(net.variables) + values(step.variables)
+
+    for i in range(2):
+        metrics = step(train, (bad, yv))
+        assert float(metrics["skipped"]) == 1.0
+        assert float(metrics["nonfinite/acc"]) == 1.0
+        assert float(metrics["nonfinite/params"]) == 0.0
+        assert float(metrics["consecutive_skips"]) == i + 1
+    after = values(net.variables) + values(step.variables)
+    changed = [a for a, b in zip(after, before) if not np.array_equal(a, b)]
+    # Only the step counter and the skip counter moved.
+    assert len(changed) == 2
+    metrics = step(train, (xv, yv))
+    assert float(metrics["skipped"]) == 0.0
+    assert float(metrics["consecutive_skips"]) == 0.0
+
+
+def test_run_stops_after_consecutive_skips(eager, tmp_path, monkeypatch):
+    real = search.data_lib.batches
+
+    def nan_batches(*args, **kwargs):
+        return real(*args, **kwargs).map(
+            lambda x, y: (x * np.float32(np.nan), y))
+
+    monkeypatch.setattr(search.data_lib, "batches", nan_batches)
+    config = tiny_config(max_consecutive_skips=2, steps_per_epoch=3)
+    with pytest.raises(step_lib.SearchDivergedError,
+                       match="2 consecutive steps.*acc"):
+        search.search(config, str(tmp_path), log=lambda _: None)
+
+
+def test_short_search_params_objective_shrinks_the_network(tmp_path):
+    common = {"epochs": 3, "steps_per_epoch": 8, "arch.lr": 3e-3}
+    acc = search.search(tiny_config(**common), str(tmp_path / "acc"),
+                        log=lambda _: None)
+    small = search.search(
+        tiny_config(objectives=["acc", "params"], **common),
+        str(tmp_path / "params"), log=lambda _: None)
+
+    def expected(workdir):
+        with np.load(os.path.join(workdir, "alpha_history.npz")) as f:
+            w = [tf.nn.softmax(f[k][-1]) for k in ("alpha_normal",
+                                                   "alpha_reduce")]
+        table = obj_lib.resource_table(
+            "params", channels=8, layers=5, num_classes=10, image_size=8,
+            steps=2, multiplier=2, primitives=PRIMITIVES)
+        return float(obj_lib.expected_cost(*w, table))
+
+    assert expected(small["workdir"]) < expected(acc["workdir"])
+    assert small["genotype_params"] <= acc["genotype_params"]
+
+    steps = [json.loads(line) for line in
+             open(tmp_path / "acc" / "metrics.jsonl")]
+    val = [s["objective/acc"] for s in steps if s["kind"] == "step"]
+    assert np.mean(val[-6:]) < np.mean(val[:6])
+
+
+def run_cli(*flags):
+    env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
+    return subprocess.run(
+        [sys.executable, "-m", "e2rnas_tf", "search",
+         "--config=configs/search_demo.py", *flags],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_cli_end_to_end(tmp_path):
+    workdir = str(tmp_path / "run")
+    flags = [f"--workdir={workdir}", "--config.epochs=1",
+             "--config.steps_per_epoch=2", *TINY_FLAGS]
+    result = run_cli(*flags)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "compiled in" in result.stdout
+    assert "expected parameters:" in result.stdout
+
+    genotype = genotypes.Genotype.load(os.path.join(workdir, "genotype.json"))
+    assert genotype.steps == 2
+    assert genotype == genotypes.Genotype.load(
+        os.path.join(workdir, "genotypes", "epoch_001.json"))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["model"]["layers"] == 3
+    lines = [json.loads(line) for line in
+             open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [r for r in lines if r["kind"] == "step"]
+    epochs = [r for r in lines if r["kind"] == "epoch"]
+    assert [r["step"] for r in steps] == [1, 2] and len(epochs) == 1
+    for name in ("acc", "adv", "params"):
+        assert np.isfinite(steps[-1][f"objective/{name}"])
+    weights = [steps[-1][f"weight/{n}"] for n in ("acc", "adv", "params")]
+    assert abs(sum(weights) - 1.0) < 1e-5 and min(weights) >= 0.0
+    assert 0.0 <= epochs[0]["eval_acc"] <= 1.0
+    assert epochs[0]["genotype_params"] > 0.0
+    with np.load(os.path.join(workdir, "alpha_history.npz")) as f:
+        assert f["alpha_normal"].shape == (1, 5, 8)
+    assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
+    assert os.listdir(os.path.join(workdir, "tb"))
+
+    # A different config in the same workdir is refused, and nothing is
+    # touched.
+    before = open(os.path.join(workdir, "config.json")).read()
+    result = run_cli(*flags, "--config.seed=1")
+    assert result.returncode == 2
+    assert "different config.json" in result.stderr
+    assert "--overwrite" in result.stderr
+    assert open(os.path.join(workdir, "config.json")).read() == before
