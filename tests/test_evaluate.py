@@ -289,6 +289,14 @@ def test_cleverhans_agrees_with_objectives_attacks():
         model_fn, images, labels, name="pgd", eps=eps, step_size=2 / 255,
         steps=5, random_start=False)
     np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-6)
+    # Through the config (budgets in /255 on both sides).
+    cfg = config_lib.attack_config(name="pgd", eps=8.0, step_size=3.0,
+                                   steps=4, random_start=False)
+    ours = objectives.attack(model_fn, images, labels, cfg, seed)
+    theirs = evaluate.cleverhans_attack(
+        model_fn, images, labels, name="pgd", eps=8 / 255, step_size=3 / 255,
+        steps=4)
+    np.testing.assert_allclose(ours.numpy(), theirs.numpy(), atol=1e-6)
 
 
 # ---------------------------------------------------------------------------
