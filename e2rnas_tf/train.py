@@ -7,6 +7,12 @@ linearly from 0 to 0.2 over training and an auxiliary loss weighted 0.4.
 Optionally adversarial training (``config.adv_train``): a share of every
 batch is replaced by adversarial examples made against the current weights.
 
+Differences from PyTorch DARTS, all small: Keras' SGD folds the learning
+rate into the momentum buffer (``v = m v - lr g``) where PyTorch applies it
+after (``w -= lr (m b + g)``), which differs only in the step after an lr
+change, i.e. at epoch boundaries; weight decay, as there, covers every
+trainable variable (batch-norm scales and biases included).
+
 Work directory layout::
 
     config.json         resolved config (the run's identity)
