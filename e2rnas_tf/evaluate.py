@@ -721,6 +721,9 @@ def main(config, args):
     from e2rnas_tf import runtime
 
     ev = config.evaluate
+    # Bad settings fail before the model and data are loaded.
+    _check_settings(ev.attacks, ev.epsilons, ev.pgd_steps, ev.step_size,
+                    ev.restarts, ev.num_examples, ev.batch_size)
     runtime.configure(config)
     # Evaluation computes in float32 whatever the training precision was
     # (see float32_model); layers created during loading follow this.
