@@ -62,8 +62,8 @@ def default_step_size(name, eps, step_size=0.0):
     """The per-iteration step of an attack, in the units of ``eps``.
 
     FGSM takes one step of exactly ``eps``; the iterative attacks take
-    ``step_size``, or ``eps / 4`` when it is 0 (with 10 steps the iterate
-    can cross the ball 2.5 times, the usual margin for PGD).
+    ``step_size``, or ``eps / 4`` when it is 0 (with 10 steps an iterate
+    can travel 2.5 eps, the usual margin for PGD).
 
     Args:
         name: one of `ATTACKS`.
