@@ -124,25 +124,27 @@ def test_saved_model_cli_shows_signatures(exported):
     cli = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
     if not os.path.exists(cli):
         pytest.skip("saved_model_cli is not installed next to python")
-    out = subprocess.run(
-        [cli, "show", "--dir", version_dir, "--tag_set", "serve",
-         "--signature_def", "serving_default"],
-        capture_output=True, text=True, check=True).stdout
-    assert "inputs['images']" in out
-    assert "DT_UINT8" in out
-    assert f"(-1, {SIZE}, {SIZE}, 3)" in out
-    for name, dtype, shape in (("logits", "DT_FLOAT", f"(-1, {CLASSES})"),
-                               ("probabilities", "DT_FLOAT",
-                                f"(-1, {CLASSES})"),
-                               ("classes", "DT_INT64", "(-1)")):
-        block = out.split(f"outputs['{name}']")[1].split("name:")[0]
-        assert dtype in block and shape in block, (name, block)
+    # One call (each start-up imports TensorFlow): the --all listing.
     out = subprocess.run(
         [cli, "show", "--dir", version_dir, "--all"],
         capture_output=True, text=True, check=True).stdout
-    assert "signature_def['serving_float']" in out
-    float_block = out.split("signature_def['serving_float']")[1]
-    assert "DT_FLOAT" in float_block.split("outputs")[0]
+    blocks = out.split("signature_def['")
+    sigs = {b.split("']")[0]: b for b in blocks[1:]}
+    assert {"serving_default", "serving_float"} <= set(sigs)
+    for name, dtype in (("serving_default", "DT_UINT8"),
+                        ("serving_float", "DT_FLOAT")):
+        inputs, outputs = sigs[name].split("output(s):")
+        assert "inputs['images']" in inputs
+        assert dtype in inputs
+        assert f"(-1, {SIZE}, {SIZE}, 3)" in inputs
+        assert f"name: {name}_images:0" in inputs
+        for key, out_dtype, shape in (
+                ("logits", "DT_FLOAT", f"(-1, {CLASSES})"),
+                ("probabilities", "DT_FLOAT", f"(-1, {CLASSES})"),
+                ("classes", "DT_INT64", "(-1)")):
+            block = outputs.split(f"outputs['{key}']")[1].split("name:")[0]
+            assert out_dtype in block and shape in block, (name, key, block)
+        assert "tensorflow/serving/predict" in outputs
 
 
 def test_versions_increment_and_existing_untouched(tmp_path, tiny):

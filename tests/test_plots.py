@@ -225,7 +225,8 @@ def test_main_genotype_and_workdir(tmp_path):
         "genotype_normal.svg", "genotype_reduce.png", "genotype_reduce.svg",
         "metrics.png"]
     # Without op names and with a non-default op count: a clear error.
-    os.remove(run / "config.json")
+    for name in ("config.json", "genotype.json", "metrics.jsonl"):
+        os.remove(run / name)
     with pytest.raises(ValueError, match="primitives"):
         plots.main(None, _args(workdir=str(run)))
 
