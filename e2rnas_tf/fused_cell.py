@@ -7,19 +7,24 @@ each op type once per state for all of that state's outgoing edges:
 
 * parameter-free ops (max/avg pooling with their non-affine batch norm, the
   stride-1 skip connection) give the same output on every edge, so they are
-  computed once and broadcast;
-* the ReLU that starts every convolutional op is computed once;
-* the depthwise convolutions of ``M`` edges are one depthwise convolution
-  with channel multiplier ``M``, their 1x1 convolutions one (block-diagonal
-  or batched) matrix product, their batch norms one fused call over
-  ``M * channels`` channels (batch norm is per channel, so this is exactly
-  the per-edge normalisation);
+  computed once, copied per edge and weighted;
+* the ReLU that starts every convolutional op is computed once and tiled
+  ``M`` times along channels (edge-major: channel ``m * C + c`` belongs to
+  edge ``m``), so the depthwise convolutions of ``M`` edges are one
+  depthwise convolution over ``M * C`` channels, their 1x1 convolutions
+  one grouped convolution, their batch norms one fused call (batch norm is
+  per channel, so this is exactly the per-edge normalisation);
+* the stride-2 skip connections (FactorizedReduce) of all edges are one
+  1x1 stride-2 convolution per branch;
 * the op weight ``w[e, k]`` is folded into the scale of the last (otherwise
-  non-affine) batch norm of each op, which costs nothing.
+  non-affine) batch norm of each op, which costs nothing;
+* all batch-norm statistics of a state live in one pair of variables (one
+  read and one update per state).
 
-The graph of a 4-step cell shrinks from about 14 x 8 small Keras layers to a
-few dozen raw ops per state, which cuts tracing and graph building time (the
-dominant start-up cost of a search step) and per-op runtime overhead.
+The graph of a 4-step cell shrinks from 14 x 8 small Keras layers to a few
+dozen raw ops per state (a third of the ops of a whole fwd+bwd step), which
+cuts tracing and graph building time (the dominant start-up cost of a
+search step) and per-op runtime overhead; see tools/trace_bench.py.
 
 Batch-norm statistics: a pooling op's batch norm sees the same tensor on
 every edge of a state, so in the reference all those edges' moving
@@ -46,7 +51,9 @@ import numpy as np
 import tensorflow as tf
 
 from e2rnas_tf import ops as ops_lib
-from e2rnas_tf import search_space
+
+# No import of search_space: it may import this module to offer the fused
+# cell as an implementation choice of SearchNetwork.
 
 _PACKAGE = "e2rnas_tf"
 
@@ -84,6 +91,20 @@ def state_plan(steps, reduction):
         stride = 2 if reduction and j < 2 else 1
         plan.append((stride, targets, edges))
     return plan
+
+
+def _check_primitives(primitives):
+    """`search_space`'s validation: known, distinct, at least one."""
+    primitives = tuple(primitives)
+    if not primitives:
+        raise ValueError(
+            "Expected at least one primitive. Received: primitives=()")
+    for name in primitives:
+        ops_lib.check_primitive(name)
+    if len(set(primitives)) != len(primitives):
+        raise ValueError(
+            f"Expected distinct primitives. Received: primitives={primitives}")
+    return primitives
 
 
 def _he_normal(fan_in):
@@ -187,7 +208,7 @@ class FusedSearchCell(keras.layers.Layer):
         self.reduction_prev = bool(reduction_prev)
         self.steps = int(steps)
         self.multiplier = int(multiplier)
-        self.primitives = search_space._check_primitives(primitives)
+        self.primitives = _check_primitives(primitives)
         if self.reduction and "skip_connect" in self.primitives \
                 and self.channels % 2:
             raise ValueError(

@@ -4,6 +4,8 @@ The reference cell is the independent oracle: weights are copied into the
 fused cell and outputs, moving statistics and every gradient must agree.
 """
 
+from unittest import mock
+
 import keras
 import numpy as np
 import pytest
@@ -151,9 +153,22 @@ def test_fewer_steps_and_multiplier():
 def test_same_trainable_parameter_count():
     for reduction, reduction_prev in ((False, False), (True, False),
                                       (False, True)):
-        ref, fused = _pair(reduction, reduction_prev)
-        assert (search_space.count_params(fused.trainable_variables)
-                == search_space.count_params(ref.trainable_variables))
+        counts = []
+        for cls in (search_space.SearchCell, fused_cell.FusedSearchCell):
+            cell = cls(C, reduction, reduction_prev)
+            s0, s1 = _inputs(reduction_prev, 7, 0)
+            cell.build(s0.shape, s1.shape)
+            counts.append(search_space.count_params(cell.trainable_variables))
+        # Per edge: sep convs 2 * (k * k * C + C * C), dil convs
+        # k * k * C + C * C, FactorizedReduce C * C; preprocessing 1x1s.
+        per_edge = (2 * (9 * C + C * C) + 2 * (25 * C + C * C)
+                    + 9 * C + C * C + 25 * C + C * C)
+        # 8 stride-2 edges (2 per node) in a reduction cell.
+        stride2_skip = 8 * C * C if reduction else 0
+        # ReLUConvBN and FactorizedReduce of the 5-channel s0 both hold
+        # 5 * C weights; the 6-channel s1 gives 6 * C.
+        pre = 5 * C + 6 * C
+        assert counts[0] == counts[1] == 14 * per_edge + stride2_skip + pre
 
 
 def test_load_into_reference_is_the_inverse():
@@ -260,3 +275,49 @@ def test_bfloat16_policy_matches_float32_loosely():
     # bfloat16 keeps 8 bits of mantissa: compare with a matching tolerance.
     np.testing.assert_allclose(tf.cast(out, tf.float32).numpy(), expected,
                                atol=0.1, rtol=0.05)
+
+
+def _fused_network(**kwargs):
+    # The network picks its cell class up at construction time; this
+    # stands in for a `cell_impl` choice without editing search_space.
+    with mock.patch.object(search_space, "SearchCell",
+                           fused_cell.FusedSearchCell):
+        return search_space.SearchNetwork(**kwargs)
+
+
+def test_network_of_fused_cells_matches_reference_network():
+    kwargs = dict(channels=4, num_classes=5, layers=3, alpha_seed=1)
+    ref = search_space.SearchNetwork(**kwargs)
+    fused = _fused_network(**kwargs)
+    assert all(isinstance(c, fused_cell.FusedSearchCell) for c in fused.cells)
+    images = tf.random.stateless_uniform([2, 8, 8, 3], [8, 0])
+    ref.build(images.shape)
+    fused.build(images.shape)
+    for name in ("stem_conv", "stem_bn", "classifier"):
+        for f, r in zip(getattr(fused, name).weights,
+                        getattr(ref, name).weights):
+            f.assign(r)
+    for f, r in zip(fused.arch_variables, ref.arch_variables):
+        f.assign(r + tf.random.stateless_normal(r.shape, [9, 0]))
+        r.assign(f)
+    for f_cell, r_cell in zip(fused.cells, ref.cells):
+        fused_cell.load_from_reference(f_cell, r_cell)
+    # Checkpointing by variable path (as train.py does) needs unique paths.
+    paths = [v.path for v in fused.weights]
+    assert len(set(paths)) == len(paths)
+    assert (search_space.count_params(fused.weight_variables)
+            == search_space.count_params(ref.weight_variables))
+
+    def loss_and_grads(net):
+        with tf.GradientTape() as tape:
+            logits = net(images, training=True)
+            loss = tf.reduce_sum(logits * tf.range(5, dtype=tf.float32))
+        return logits, tape.gradient(loss, net.arch_variables)
+
+    logits_f, grads_f = loss_and_grads(fused)
+    logits_r, grads_r = loss_and_grads(ref)
+    np.testing.assert_allclose(logits_f.numpy(), logits_r.numpy(),
+                               atol=1e-4, rtol=1e-4)
+    for g_f, g_r in zip(grads_f, grads_r):
+        np.testing.assert_allclose(g_f.numpy(), g_r.numpy(), atol=1e-4,
+                                   rtol=1e-4)
