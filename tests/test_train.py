@@ -201,9 +201,27 @@ def test_cli_train_refuses_a_different_run(tiny_run):
     assert lines[-1].startswith("e2rnas train: error: Workdir")
     assert "--overwrite" in lines[-1]
     assert (workdir / "metrics.jsonl").read_text() == before
-    # A different genotype is a different run too.
-    result = _run(workdir, config_path, "--genotype=E2RNAS")
-    assert result.returncode == 2
+
+
+def test_workdir_identity(tiny_run, tmp_path):
+    workdir, _, _ = tiny_run
+    config = json.loads((workdir / "config.json").read_text())
+    darts = genotypes.PUBLISHED["DARTS_V2"]
+    e2rnas = genotypes.PUBLISHED["E2RNAS"]
+    check = train_lib._check_workdir
+    assert check(str(workdir), config, darts, False) == (True, [])
+    # Logging fields may change on resume; a different genotype may not.
+    relaxed = dict(config, log_every=1, checkpoint_every=7)
+    assert check(str(workdir), relaxed, darts, False)[0]
+    with pytest.raises(train_lib.WorkdirError, match="--overwrite"):
+        check(str(workdir), config, e2rnas, False)
+    resume, stale = check(str(workdir), config, e2rnas, True)
+    assert not resume and "checkpoints" in stale and "config.json" in stale
+    # Outputs without a config.json belong to an unknown run.
+    (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n')
+    with pytest.raises(train_lib.WorkdirError):
+        check(str(tmp_path), config, darts, False)
+    assert check(str(tmp_path / "new"), config, darts, False) == (False, [])
 
 
 def test_cli_train_overwrite_and_resume(tiny_run, tmp_path):
@@ -211,7 +229,6 @@ def test_cli_train_overwrite_and_resume(tiny_run, tmp_path):
     workdir = tmp_path / "run"
     workdir.mkdir()
     (workdir / "metrics.jsonl").write_text('{"epoch": 0}\n')
-    assert _run(workdir, config_path).returncode == 2
     result = _run(workdir, config_path, "--overwrite",
                   "--config.steps_per_epoch=1", "--genotype=E2RNAS")
     assert result.returncode == 0, result.stderr[-3000:]
