@@ -43,8 +43,9 @@ def _check_positive_int(name, value):
 
 
 def _check_stride(stride):
-    if stride not in (1, 2):
+    if isinstance(stride, bool) or stride not in (1, 2):
         raise ValueError(f"Expected `stride` to be 1 or 2. Received: stride={stride!r}")
+    return int(stride)
 
 
 def _pad_hw(x, pad):
@@ -167,8 +168,7 @@ class Zero(keras.layers.Layer):
 
     def __init__(self, stride=1, **kwargs):
         super().__init__(**kwargs)
-        _check_stride(stride)
-        self.stride = stride
+        self.stride = _check_stride(stride)
 
     def call(self, inputs):
         return tf.zeros_like(_subsample(inputs, self.stride))
@@ -208,10 +208,9 @@ class ReLUConvBN(_ConvKernels):
         super().__init__(**kwargs)
         _check_positive_int("channels", channels)
         _check_positive_int("kernel_size", kernel_size)
-        _check_stride(stride)
         self.channels = int(channels)
         self.kernel_size = int(kernel_size)
-        self.stride = stride
+        self.stride = _check_stride(stride)
         self.affine = bool(affine)
         self.bn = BatchNorm(affine=affine, name="bn")
 
@@ -306,9 +305,8 @@ class Pool(keras.layers.Layer):
         super().__init__(**kwargs)
         if kind not in ("max", "avg"):
             raise ValueError(f"Expected `kind` 'max' or 'avg'. Received: kind={kind!r}")
-        _check_stride(stride)
         self.kind = kind
-        self.stride = stride
+        self.stride = _check_stride(stride)
 
     def call(self, inputs):
         if self.stride == 1:
@@ -378,14 +376,14 @@ class DilConv(_ConvKernels):
         if kernel_size % 2 == 0:
             raise ValueError(
                 f"Expected an odd `kernel_size`. Received: kernel_size={kernel_size}")
-        _check_stride(stride)
-        if dilation not in (1, 2):
+        stride = _check_stride(stride)
+        if isinstance(dilation, bool) or dilation not in (1, 2):
             raise ValueError(
                 f"Expected `dilation` to be 1 or 2. Received: dilation={dilation!r}")
         self.channels = int(channels)
         self.kernel_size = int(kernel_size)
         self.stride = stride
-        self.dilation = dilation
+        self.dilation = int(dilation)
         self.affine = bool(affine)
         self.bn = BatchNorm(affine=affine, name="bn")
 
@@ -441,9 +439,12 @@ class SepConv(keras.layers.Layer):
 
     def __init__(self, channels, kernel_size, stride=1, affine=True, **kwargs):
         super().__init__(**kwargs)
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.stride = stride
+        _check_positive_int("channels", channels)
+        _check_positive_int("kernel_size", kernel_size)
+        # Plain Python numbers, so that get_config is JSON-serialisable.
+        self.channels = int(channels)
+        self.kernel_size = int(kernel_size)
+        self.stride = _check_stride(stride)
         self.affine = bool(affine)
         self.block_1 = DilConv(channels, kernel_size, stride, 1, affine,
                                name="block_1")

@@ -62,8 +62,9 @@ class MixedOp(keras.layers.Layer):
     def __init__(self, channels, stride=1, primitives=ops_lib.PRIMITIVES,
                  **kwargs):
         super().__init__(**kwargs)
+        ops_lib._check_positive_int("channels", channels)
         self.channels = int(channels)
-        self.stride = stride
+        self.stride = ops_lib._check_stride(stride)
         self.primitives = _check_primitives(primitives)
         self.candidates = []
         self.pool_bns = {}
@@ -274,7 +275,7 @@ class SearchNetwork(keras.Model):
         self.multiplier = int(multiplier)
         self.stem_multiplier = int(stem_multiplier)
         self.primitives = _check_primitives(primitives)
-        self.alpha_seed = alpha_seed
+        self.alpha_seed = None if alpha_seed is None else int(alpha_seed)
         self.normalize = ops_lib.Normalize(mean, std, name="normalize")
         c_curr = self.stem_multiplier * self.channels
         self.stem_conv = keras.layers.Conv2D(
