@@ -319,3 +319,17 @@ def test_layer_validation():
         ops.Normalize(std=(1.0, 0.0, 1.0))
     with pytest.raises(ValueError, match="3 values"):
         ops.Normalize(mean=(0.5, 0.5))
+
+
+def test_numpy_integer_arguments_give_json_configs():
+    # Sizes often come from NumPy (shapes, configs); configs must still
+    # serialise, or a model holding the op cannot be saved.
+    import json
+    for name in ops.PRIMITIVES:
+        op = ops.make_op(name, np.int64(4), np.int64(2))
+        config = json.loads(json.dumps(op.get_config()))
+        assert config.get("stride", 2) == 2
+    assert json.dumps(ops.DilConv(4, np.int32(3), dilation=np.int64(2))
+                      .get_config())
+    with pytest.raises(ValueError, match="Received: stride=True"):
+        ops.Pool("max", stride=True)

@@ -383,3 +383,12 @@ def test_validation_errors():
         ss.SearchCell(5, reduction_prev=True)
     with pytest.raises(ValueError, match="Received: channels=5"):
         ss.MixedOp(5, 2)
+
+
+def test_numpy_integer_arguments_give_json_configs():
+    import json
+    mixed = ss.MixedOp(np.int64(4), np.int64(2))
+    assert json.loads(json.dumps(mixed.get_config()))["stride"] == 2
+    net = ss.SearchNetwork(channels=np.int64(4), layers=np.int64(3),
+                           alpha_seed=np.int64(0))
+    assert json.loads(json.dumps(net.get_config()))["alpha_seed"] == 0
