@@ -180,8 +180,11 @@ class SearchCell(keras.layers.Layer):
         self.preprocess0.build(s0_shape)
         self.preprocess1.build(s1_shape)
         state = self.preprocess1.compute_output_shape(s1_shape)
+        # In a reduction cell the intermediate nodes are already reduced.
+        node = ops_lib._strided_shape(state, 2 if self.reduction else 1,
+                                      self.channels)
         for op, (_, j) in zip(self.edges, edge_inputs(self.steps)):
-            op.build(state)
+            op.build(state if j < 2 else node)
 
     def call(self, s0, s1, weights, training=False):
         weights = tf.unstack(weights, num=len(self.edges))
