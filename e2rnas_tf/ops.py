@@ -149,7 +149,8 @@ class BatchNorm(keras.layers.Layer):
 
 
 class _ConvKernels(keras.layers.Layer):
-    """Shared plumbing: kernel creation with He-normal init, fan-out mode."""
+    """Shared plumbing: kernel creation with He-normal init (fan-in mode,
+    Keras' `HeNormal`)."""
 
     def _kernel(self, shape, name):
         return self.add_weight(
