@@ -13,6 +13,7 @@ import sys
 
 from absl import app
 from absl import flags
+from absl import logging as absl_logging
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file(
@@ -206,8 +207,16 @@ def main(argv):
         return 2
 
 
+def _quiet_logs():
+    # absl INFO lines (one per checkpoint save) drown the progress output;
+    # warnings and errors still show. (TF 2.21's own start-up lines come
+    # from C++ before any setting can reach them.)
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
 def run():
     """Console-script entry point."""
+    _quiet_logs()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 
