@@ -2,6 +2,8 @@
 references for the padding/pooling/batch-norm maths, pinned parameter
 counts and argument validation."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -235,6 +237,16 @@ def test_batch_norm_training_matches_numpy():
     np.testing.assert_allclose(
         bn.moving_variance.numpy(),
         0.9 * np.array([2.0, 0.5]) + 0.1 * var * n / (n - 1), rtol=1e-5)
+    # The same update inside a graph.
+    graph_bn = ops.BatchNorm(affine=True)
+    graph_bn.build(x.shape)
+    graph_bn.set_weights([gamma, beta, np.array([0.1, -0.2]),
+                          np.array([2.0, 0.5])])
+    tf.function(lambda t: graph_bn(t, training=True), autograph=False)(x)
+    np.testing.assert_allclose(graph_bn.moving_mean.numpy(),
+                               bn.moving_mean.numpy(), rtol=1e-6)
+    np.testing.assert_allclose(graph_bn.moving_variance.numpy(),
+                               bn.moving_variance.numpy(), rtol=1e-6)
     # Inference uses the moving statistics.
     y = bn(x, training=False).numpy()
     mm, mv = bn.moving_mean.numpy(), bn.moving_variance.numpy()
@@ -324,7 +336,6 @@ def test_layer_validation():
 def test_numpy_integer_arguments_give_json_configs():
     # Sizes often come from NumPy (shapes, configs); configs must still
     # serialise, or a model holding the op cannot be saved.
-    import json
     for name in ops.PRIMITIVES:
         op = ops.make_op(name, np.int64(4), np.int64(2))
         config = json.loads(json.dumps(op.get_config()))

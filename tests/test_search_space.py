@@ -2,6 +2,8 @@
 (layer checks, the mixed-op maths, alphas, parameter counts, `.keras`
 round-trip, argument validation)."""
 
+import json
+
 import keras
 import numpy as np
 import pytest
@@ -386,7 +388,6 @@ def test_validation_errors():
 
 
 def test_numpy_integer_arguments_give_json_configs():
-    import json
     mixed = ss.MixedOp(np.int64(4), np.int64(2))
     assert json.loads(json.dumps(mixed.get_config()))["stride"] == 2
     net = ss.SearchNetwork(channels=np.int64(4), layers=np.int64(3),
