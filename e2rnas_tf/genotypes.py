@@ -264,6 +264,13 @@ def derive(weights_normal, weights_reduce, primitives: Sequence[str] = PRIMITIVE
         raise ValueError(
             f"Expected {len(primitives)} columns (one per primitive). "
             f"Received: {weights_normal.shape[1]}")
+    for name, w in (("weights_normal", weights_normal),
+                    ("weights_reduce", weights_reduce)):
+        if not np.all(np.isfinite(w)):
+            # NaN compares false with everything: the choice would be
+            # arbitrary rather than an error.
+            raise ValueError("Expected finite op weights. Received: "
+                             f"non-finite values in {name}")
     edges, steps = weights_normal.shape[0], 0
     while sum(2 + i for i in range(steps)) < edges:
         steps += 1
