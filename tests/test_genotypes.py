@@ -99,6 +99,11 @@ def test_derive_errors():
     with pytest.raises(ValueError, match="Expected a number of edges "
                        r"2 \+ 3 \+ .* Received: 6"):
         gt.derive(np.zeros((6, 8)), np.zeros((6, 8)))
+    nan = HAND_NORMAL.copy()
+    nan[3, 4] = np.nan
+    with pytest.raises(ValueError, match="Expected finite op weights. "
+                       "Received: non-finite values in weights_reduce"):
+        gt.derive(HAND_NORMAL, nan)
     with pytest.raises(ValueError, match="Received: multiplier=5"):
         gt.derive(HAND_NORMAL, HAND_NORMAL, multiplier=5)
     with pytest.raises(ValueError, match=r"Received: primitives=\('none',\)"):
