@@ -70,7 +70,7 @@ def search_config():
     c.data = data_config()
     c.model = ml_collections.ConfigDict(dict(
         channels=16, layers=8, steps=4, multiplier=4, stem_multiplier=3,
-        primitives=list(PRIMITIVES)))
+        primitives=tuple(PRIMITIVES)))
     c.batch_size = 64
     c.eval_batch_size = 256
     c.epochs = 50
@@ -92,11 +92,13 @@ def search_config():
         lr=3e-4, beta1=0.5, beta2=0.999, weight_decay=1e-3,
         order="first",           # first | second (unrolled)
         unrolled_eps=0.01))      # finite-difference radius, second order
-    c.objectives = ["acc", "adv", "params"]  # any of acc, adv, params, flops
+    # Any of acc, adv, params, flops. Tuples (here and below) so that the
+    # command line can override them: --config.objectives="('acc','params')".
+    c.objectives = ("acc", "adv", "params")
     c.combine = ml_collections.ConfigDict(dict(
         method="mgda",           # mgda | sum | fixed
         normalization="l2",      # none | l2 | loss | loss+
-        weights=[],              # for method=fixed, one per objective
+        weights=(),              # for method=fixed, one per objective
         apply_to="normalized"))  # normalized | raw gradients
     c.attack = attack_config()
     # Resource objectives, in millions (parameters / multiply-adds) of the
