@@ -31,12 +31,12 @@ def _inputs(reduction_prev, size, seed):
 
 
 def _pair(reduction, reduction_prev, primitives=ops.PRIMITIVES, size=7,
-          steps=4, multiplier=4):
+          steps=4, multiplier=4, edge_layout="batched"):
     """A built reference cell and a fused cell holding the same weights."""
     kwargs = dict(reduction=reduction, reduction_prev=reduction_prev,
                   steps=steps, multiplier=multiplier, primitives=primitives)
     ref = search_space.SearchCell(C, **kwargs)
-    fused = fused_cell.FusedSearchCell(C, **kwargs)
+    fused = fused_cell.FusedSearchCell(C, edge_layout=edge_layout, **kwargs)
     s0, s1 = _inputs(reduction_prev, size, 0)
     weights = tf.fill([search_space.num_edges(steps), len(primitives)], 0.1)
     ref(s0, s1, weights)
@@ -71,21 +71,27 @@ def _assert_state_equal(fused, ref):
 
 
 CASES = [
-    # reduction, reduction_prev, size, primitives
-    (False, False, 7, ops.PRIMITIVES),
-    (True, False, 9, ops.PRIMITIVES),
-    (False, True, 9, ops.PRIMITIVES),
-    (True, False, 7, ops.PRIMITIVES[1:]),  # without none
-    (False, False, 9, CONVS),
-    (True, True, 8, ("max_pool_3x3", "avg_pool_3x3", "skip_connect")),
-    (False, False, 7, ("skip_connect", "none", "avg_pool_3x3")),
+    # reduction, reduction_prev, size, primitives, edge layout
+    (False, False, 7, ops.PRIMITIVES, "batched"),
+    (True, False, 9, ops.PRIMITIVES, "batched"),
+    (False, True, 9, ops.PRIMITIVES, "batched"),
+    (False, False, 9, ops.PRIMITIVES, "split"),
+    (True, False, 7, ops.PRIMITIVES, "split"),
+    (False, True, 7, ops.PRIMITIVES, "split"),
+    (True, False, 7, ops.PRIMITIVES[1:], "batched"),  # without none
+    (False, False, 9, CONVS, "batched"),
+    (True, True, 8, ("max_pool_3x3", "avg_pool_3x3", "skip_connect"),
+     "batched"),
+    (True, False, 7, ("skip_connect", "none", "avg_pool_3x3"), "split"),
 ]
 
 
-@pytest.mark.parametrize("reduction,reduction_prev,size,primitives", CASES)
+@pytest.mark.parametrize(
+    "reduction,reduction_prev,size,primitives,edge_layout", CASES)
 def test_forward_statistics_and_gradients_match_reference(
-        reduction, reduction_prev, size, primitives):
-    ref, fused = _pair(reduction, reduction_prev, primitives, size)
+        reduction, reduction_prev, size, primitives, edge_layout):
+    ref, fused = _pair(reduction, reduction_prev, primitives, size,
+                       edge_layout=edge_layout)
     alpha = _alpha(4, primitives)
     for step in range(2):
         # Training-mode calls on other data move the BN statistics.
@@ -129,8 +135,10 @@ def test_forward_statistics_and_gradients_match_reference(
     _assert_state_equal(fused, ref)
 
 
-def test_only_none_gives_zeros():
-    ref, fused = _pair(True, False, ("none",), size=7)
+@pytest.mark.parametrize("edge_layout", ["batched", "split"])
+def test_only_none_gives_zeros(edge_layout):
+    ref, fused = _pair(True, False, ("none",), size=7,
+                       edge_layout=edge_layout)
     s0, s1 = _inputs(False, 7, 1)
     out = fused(s0, s1, tf.ones([14, 1]), training=True)
     assert out.shape == ref(s0, s1, tf.ones([14, 1])).shape == (BATCH, 4, 4,
@@ -194,8 +202,9 @@ def test_mismatched_cells_are_rejected():
         fused_cell.load_from_reference(other, ref)
 
 
-def test_eager_and_tf_function_agree():
-    _, fused = _pair(True, False, size=7)
+@pytest.mark.parametrize("edge_layout", ["batched", "split"])
+def test_eager_and_tf_function_agree(edge_layout):
+    _, fused = _pair(True, False, size=7, edge_layout=edge_layout)
     s0, s1 = _inputs(False, 7, 6)
     w = tf.nn.softmax(_alpha(4, ops.PRIMITIVES), axis=-1)
     graph = tf.function(lambda a, b, c: fused(a, b, c, training=False),
@@ -208,7 +217,8 @@ def test_eager_and_tf_function_agree():
 def test_config_round_trip():
     cell = fused_cell.FusedSearchCell(
         6, reduction=True, reduction_prev=True, steps=3, multiplier=2,
-        primitives=("none", "skip_connect", "sep_conv_3x3"), name="c")
+        primitives=("none", "skip_connect", "sep_conv_3x3"),
+        edge_layout="split", name="c")
     config = keras.saving.serialize_keras_object(cell)
     clone = keras.saving.deserialize_keras_object(config)
     assert isinstance(clone, fused_cell.FusedSearchCell)
@@ -224,6 +234,20 @@ def test_invalid_arguments():
         fused_cell.FusedSearchCell(4, primitives=("conv_7x7",))
     with pytest.raises(ValueError, match="even"):
         fused_cell.FusedSearchCell(5, reduction=True)
+    with pytest.raises(ValueError, match="edge_layout"):
+        fused_cell.FusedSearchCell(4, edge_layout="fast")
+
+
+def test_auto_edge_layout_splits_large_nodes_only():
+    x = tf.zeros([1, 16, 16, 4])
+    small = fused_cell.FusedSearchCell(16)  # 16 * 16 * 16 values per node
+    small.build(x.shape, x.shape)
+    large = fused_cell.FusedSearchCell(32)
+    large.build(x.shape, x.shape)
+    reduced = fused_cell.FusedSearchCell(32, reduction=True)
+    reduced.build(x.shape, x.shape)
+    assert not small._split_edges and large._split_edges
+    assert not reduced._split_edges  # 8 * 8 * 32 after the reduction
 
 
 def test_state_plan_covers_every_edge_once():
