@@ -156,8 +156,6 @@ def _progress_line(epoch, epochs, step, steps, metrics, objectives, rate):
             f"mgda {weights} | train {metrics['train/loss']:.3f} "
             f"acc {metrics['train/acc']:.2f} | lr {metrics['lr']:.4f} | "
             f"{rate:.2f} s/step")
-    if metrics.get("skipped"):
-        line += " | SKIPPED"
     return line
 
 
@@ -246,7 +244,8 @@ def search(config, workdir, *, overwrite=False, log=print):
     history_path = os.path.join(workdir, "alpha_history.npz")
     history = {"alpha_normal": [], "alpha_reduce": []}
     start_epoch, skip = 0, 0
-    if resume and manager.latest_checkpoint:
+    resume = resume and bool(manager.latest_checkpoint)
+    if resume:
         checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         done = int(step.iterations.numpy())
         start_epoch, skip = divmod(done, steps_per_epoch)
@@ -283,19 +282,21 @@ def search(config, workdir, *, overwrite=False, log=print):
             if strategy.num_replicas_in_sync > 1:
                 w_ds = strategy.experimental_distribute_dataset(w_ds)
                 a_ds = strategy.experimental_distribute_dataset(a_ds)
-            tic = time.perf_counter()
             done_in_epoch = skip
+            tic, since_log = time.perf_counter(), 0
             for train_batch, valid_batch in zip(w_ds, a_ds):
                 if done_in_epoch >= steps_per_epoch:
                     break
                 t0 = time.perf_counter()
                 out = step(train_batch, valid_batch)
                 metrics = {k: float(v) for k, v in out.items()}
+                since_log += 1
                 if compile_seconds is None:
                     compile_seconds = time.perf_counter() - t0
                     log(f"compiled in {compile_seconds:.1f} s "
                         "(trace + first step)")
-                    tic = time.perf_counter()
+                    # The rate shown excludes the compilation.
+                    tic, since_log = time.perf_counter(), 0
                 done_in_epoch += 1
                 global_step = int(step.iterations.numpy())
                 record = {"kind": "step", "step": global_step,
@@ -304,12 +305,18 @@ def search(config, workdir, *, overwrite=False, log=print):
                 with writer.as_default(step=global_step):
                     for key, value in metrics.items():
                         tf.summary.scalar(key, value)
+                if metrics["skipped"]:
+                    culprits = [n for n in list(objectives) + ["train"]
+                                if metrics[f"nonfinite/{n}"]]
+                    log(f"step {global_step} skipped: non-finite "
+                        f"{', '.join(culprits) or 'update'} "
+                        f"({int(metrics['consecutive_skips'])} in a row)")
                 if metrics["consecutive_skips"] >= limit:
                     raise _skip_error(metrics, objectives, limit)
                 if (done_in_epoch % max(int(config.log_every), 1) == 0
                         or done_in_epoch == steps_per_epoch):
-                    rate = (time.perf_counter() - tic) / max(
-                        done_in_epoch - skip - 1, 1)
+                    rate = (time.perf_counter() - tic) / max(since_log, 1)
+                    tic, since_log = time.perf_counter(), 0
                     log(_progress_line(epoch, config.epochs, done_in_epoch,
                                        steps_per_epoch, metrics, objectives,
                                        rate))

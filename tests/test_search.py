@@ -283,6 +283,23 @@ def test_nonfinite_batch_skips_the_step(eager):
     assert float(metrics["consecutive_skips"]) == 0.0
 
 
+def test_mixed_bfloat16_step_is_finite_with_float32_alpha(eager):
+    config = tiny_config(mixed_precision="mixed_bfloat16",
+                         objectives=("acc", "params"))
+    keras.mixed_precision.set_global_policy("mixed_bfloat16")
+    try:
+        net, step = make_step(config)
+        metrics = step(batch(10), batch(11))
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
+    assert all(np.isfinite(float(v)) for v in metrics.values())
+    assert float(metrics["skipped"]) == 0.0
+    assert "loss_scale" not in metrics  # no loss scale for bfloat16
+    for a in net.arch_variables:
+        assert a.dtype == "float32"
+    assert net.weight_variables[0].dtype == "float32"
+
+
 def test_run_stops_after_consecutive_skips(eager, tmp_path, monkeypatch):
     real = search.data_lib.batches
 
