@@ -21,6 +21,14 @@ each op type once per state for all of that state's outgoing edges:
 * all batch-norm statistics of a state live in one pair of variables (one
   read and one update per state).
 
+That is the "batched" edge layout. For large tensors on CPU, per-edge
+depthwise and 1x1 convolutions over ``C`` channels are faster than one over
+``M * C`` channels plus the tiling that feeds it, so the "split" layout
+keeps everything above except the stacking: its convolutions run per edge
+on the shared ReLU, with kernels and statistics still read once per state
+and split. Both layouts compute the same function from the same variables;
+"auto" picks per cell by node size.
+
 The graph of a 4-step cell shrinks from 14 x 8 small Keras layers to a few
 dozen raw ops per state (a third of the ops of a whole fwd+bwd step), which
 cuts tracing and graph building time (the dominant start-up cost of a
@@ -183,6 +191,25 @@ def _pool(x, kind, stride):
     return y * tf.constant(scale, dtype=y.dtype)
 
 
+def _batch_norm(y, moving_mean, moving_var, scale, training):
+    """Non-affine batch norm of `y` times `scale` (float32, per channel).
+
+    Returns ``(output, new moving mean, new moving variance)``; in
+    training mode the fused kernel updates the statistics itself (with the
+    unbiased batch variance), as `ops.BatchNorm` does.
+    """
+    channels = y.shape[-1]
+    if scale is None:
+        scale = tf.ones([channels], tf.float32)
+    y, new_mean, new_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
+        x=y, scale=scale, offset=tf.zeros([channels], tf.float32),
+        mean=moving_mean, variance=moving_var, epsilon=ops_lib.BN_EPSILON,
+        exponential_avg_factor=(1.0 - ops_lib.BN_MOMENTUM if training
+                                else 1.0),
+        data_format="NHWC", is_training=bool(training))
+    return y, new_mean, new_var
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class FusedSearchCell(keras.layers.Layer):
     """`search_space.SearchCell` computed per state instead of per edge.
@@ -199,6 +226,12 @@ class FusedSearchCell(keras.layers.Layer):
         steps: intermediate nodes.
         multiplier: nodes concatenated into the output.
         primitives: candidate op names.
+        edge_layout: "batched" (a state's edges stacked along channels:
+            fewest ops, fastest for small tensors), "split" (convolutions
+            per edge on the shared ReLU: faster steps for large tensors
+            on CPU) or "auto" (batched when a node holds at most
+            `_BATCHED_MAX_SIZE` values per example). Same function,
+            same variables.
 
     Call arguments:
         s0: output of the cell before the previous one.
@@ -378,25 +411,10 @@ class FusedSearchCell(keras.layers.Layer):
             stats = {slot[:2]: pair
                      for slot, pair in zip(slots, zip(mean, var))}
         updates = {}
-        ones_cache = {}
 
         def batch_norm(y, name, tag, scale=None):
-            """Non-affine BN of `y`, times `scale` (float32, per channel)."""
-            n = y.shape[-1]
-            if n not in ones_cache:
-                ones_cache[n] = (tf.ones([n], tf.float32),
-                                 tf.zeros([n], tf.float32))
-            ones, zeros = ones_cache[n]
-            moving_mean, moving_var = stats[(name, tag)]
-            y, new_mean, new_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=y, scale=ones if scale is None else scale, offset=zeros,
-                mean=moving_mean, variance=moving_var,
-                epsilon=ops_lib.BN_EPSILON,
-                exponential_avg_factor=(1.0 - ops_lib.BN_MOMENTUM
-                                        if training else 1.0),
-                data_format="NHWC", is_training=bool(training))
-            # In training mode the kernel returns the updated moving
-            # statistics (unbiased batch variance), as ops.BatchNorm uses.
+            y, new_mean, new_var = _batch_norm(y, *stats[(name, tag)], scale,
+                                               training)
             updates[(name, tag)] = (new_mean, new_var)
             return y
 
@@ -462,14 +480,8 @@ class FusedSearchCell(keras.layers.Layer):
         return outputs[0] if len(outputs) == 1 else tf.add_n(outputs)
 
     def _state_terms(self, x, j, scales, training):
-        """State `j`'s weighted op outputs, one list per outgoing edge.
-
-        The split layout: parameter-free ops once per state, convolutions
-        per edge (kernels and statistics are still read once per state and
-        split). On CPU, per-edge depthwise and 1x1 convolutions over ``C``
-        channels beat one over ``M * C`` channels plus the tiling that
-        feeds it once tensors are large (batch 64, 32x32, C=16).
-        """
+        """State `j`'s weighted op outputs, one list per outgoing edge
+        (the "split" edge layout; `_state_output` is the batched one)."""
         stride, targets, _ = self._plan[j]
         m, c = len(targets), self.channels
         params = self._params[j]
@@ -486,18 +498,10 @@ class FusedSearchCell(keras.layers.Layer):
                          else [v.value] for v in self._stats[j])
             stats = dict(zip(keys, zip(mean, var)))
         updates = {}
-        ones = tf.ones([c], tf.float32)
-        zeros = tf.zeros([c], tf.float32)
 
         def batch_norm(y, key, scale=None):
-            moving_mean, moving_var = stats[key]
-            y, new_mean, new_var, _, _, _ = tf.raw_ops.FusedBatchNormV3(
-                x=y, scale=ones if scale is None else scale, offset=zeros,
-                mean=moving_mean, variance=moving_var,
-                epsilon=ops_lib.BN_EPSILON,
-                exponential_avg_factor=(1.0 - ops_lib.BN_MOMENTUM
-                                        if training else 1.0),
-                data_format="NHWC", is_training=bool(training))
+            y, new_mean, new_var = _batch_norm(y, *stats[key], scale,
+                                               training)
             updates[key] = (new_mean, new_var)
             return y
 

@@ -125,8 +125,6 @@ def test_forward_statistics_and_gradients_match_reference(
 
         expected = dict((id(v), g) for v, g in
                         fused_cell.from_reference(fused, ref, fetch))
-        assert len(fused.trainable_variables) > 0 or "sep_conv_3x3" \
-            not in primitives
         for v in fused.trainable_variables:
             np.testing.assert_allclose(
                 vars_f[id(v)].numpy(), expected[id(v)].numpy(), atol=1e-4,

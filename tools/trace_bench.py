@@ -7,7 +7,8 @@ grappler's meta optimizer disabled as `runtime.configure` does:
 
 * trace: ``get_concrete_function`` (Python tracing, forward and backward);
 * first: the first call after tracing (graph instantiation + one step);
-* step: median of the following steps.
+* step: median of the following steps;
+* ops: nodes of the traced graph.
 
 Each (implementation, size, repeat) runs in a fresh subprocess so that no
 run benefits from another's caches. The CPU is shared with other jobs:
@@ -16,6 +17,8 @@ repeat runs (``--repeats``) and read medians.
 Usage::
 
     python tools/trace_bench.py --repeats 3
+    python tools/trace_bench.py --impl reference --impl batched \\
+        --impl split --layers 8 --channels 16 --batch 64 --size 32
     python tools/trace_bench.py --impl fused --layers 5 --channels 8 \\
         --batch 32 --size 16 --steps 10 --single
 """
@@ -32,18 +35,25 @@ import sys
 import time
 
 SIZES = ((5, 8, 32, 16), (8, 16, 64, 32))  # layers, channels, batch, size
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+IMPLS = ("reference", "fused", "batched", "split")
 
 
 def _network(impl, layers, channels):
+    import functools
     from unittest import mock
 
     from e2rnas_tf import fused_cell, search_space
     kwargs = dict(channels=channels, num_classes=10, layers=layers,
                   alpha_seed=0)
-    if impl == "fused":
+    if impl != "reference":
         # SearchNetwork looks SearchCell up at construction time.
-        patch = mock.patch.object(search_space, "SearchCell",
-                                  fused_cell.FusedSearchCell)
+        layout = "auto" if impl == "fused" else impl
+        patch = mock.patch.object(
+            search_space, "SearchCell",
+            functools.partial(fused_cell.FusedSearchCell, edge_layout=layout))
     else:
         patch = contextlib.nullcontext()
     with patch:
@@ -96,8 +106,11 @@ def run_single(args):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--impl", choices=("reference", "fused"),
-                        default=None, help="only this implementation")
+    parser.add_argument("--impl", choices=IMPLS, action="append",
+                        help="implementations to time (repeatable); "
+                        "fused = FusedSearchCell with edge_layout='auto', "
+                        "batched/split = that layout everywhere; default: "
+                        "reference and fused")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--channels", type=int)
     parser.add_argument("--batch", type=int)
@@ -109,12 +122,13 @@ def main(argv=None):
                         help="run one configuration in this process")
     args = parser.parse_args(argv)
     if args.single:
+        args.impl = args.impl[-1] if args.impl else "fused"
         run_single(args)
         return 0
     sizes = SIZES
     if args.layers:
         sizes = ((args.layers, args.channels, args.batch, args.size),)
-    impls = (args.impl,) if args.impl else ("reference", "fused")
+    impls = tuple(args.impl) if args.impl else ("reference", "fused")
     results = {}
     for layers, channels, batch, size in sizes:
         for repeat in range(args.repeats):
@@ -126,8 +140,11 @@ def main(argv=None):
                        "--layers", str(layers), "--channels", str(channels),
                        "--batch", str(batch), "--size", str(size),
                        "--steps", str(args.steps)]
+                env = dict(os.environ)
+                env["PYTHONPATH"] = os.pathsep.join(
+                    p for p in (REPO, env.get("PYTHONPATH")) if p)
                 out = subprocess.run(cmd, check=True, capture_output=True,
-                                     text=True, env=dict(os.environ))
+                                     text=True, env=env)
                 row = json.loads(out.stdout.strip().splitlines()[-1])
                 print(json.dumps(row), flush=True)
                 results.setdefault((layers, channels, batch, size, impl),
