@@ -162,13 +162,28 @@ class MomentumSGD(tf.Module):
 
     def virtual_step(self, values, grads, lr):
         """DARTS' unrolled weights ``w - lr (m * buf + g + wd * w)``."""
-        return [w - lr * (self.momentum * b + g + self.weight_decay * w)
+        # Shared scalar tensors: one constant per graph, not one per weight.
+        momentum = tf.constant(self.momentum)
+        decay = tf.constant(self.weight_decay)
+        return [w - lr * (momentum * b + g + decay * w)
                 for w, b, g in zip(values, self.buffers, grads)]
 
-    def updates(self, values, grads, lr):
-        """``(new_values, new_buffers)`` of one step (nothing assigned)."""
-        new_buffers = [self.momentum * b + g + self.weight_decay * w
-                       for w, b, g in zip(values, self.buffers, grads)]
+    def updates(self, values, grads, lr, apply=None):
+        """``(new_values, new_buffers)`` of one step (nothing assigned).
+
+        With ``apply`` (a bool scalar) False the returned values equal the
+        current ones exactly, whatever the (possibly NaN) gradients: the
+        gradient is replaced by 0, the momentum by 1 and the lr by 0, which
+        costs three scalar selects instead of two per weight.
+        """
+        momentum = tf.constant(self.momentum)
+        decay = tf.constant(self.weight_decay)
+        grads = [g + decay * w for w, g in zip(values, grads)]
+        if apply is not None:
+            grads = [tf.where(apply, g, tf.zeros_like(g)) for g in grads]
+            momentum = tf.where(apply, momentum, 1.0)
+            lr = tf.where(apply, lr, 0.0)
+        new_buffers = [momentum * b + g for b, g in zip(self.buffers, grads)]
         new_values = [w - lr * b for w, b in zip(values, new_buffers)]
         return new_values, new_buffers
 
@@ -545,18 +560,19 @@ class SearchStep(tf.Module):
         train_loss, logits, g_w = self._network_loss_grads(xt, yt, "w")
         train_acc = self._acc(logits, yt)
         train_loss, train_acc, g_w = _all_reduce((train_loss, train_acc, g_w))
-        g_w, _ = tf.clip_by_global_norm(g_w, cfg.optim.grad_clip)
-        new_w, new_buf = self.w_optimizer.updates(w_saved, g_w, lr)
-        ok_train = _all_finite([train_loss] + g_w)
-        ok = ok_arch & ok_train & _all_finite(new_w)
+        g_w, g_norm = tf.clip_by_global_norm(g_w, cfg.optim.grad_clip)
+        # The global norm is NaN/Inf iff a gradient entry is (or its square
+        # overflows float32): one check instead of one per weight tensor.
+        ok_train = tf.math.is_finite(train_loss) & tf.math.is_finite(g_norm)
+        ok = ok_arch & ok_train
+        sgd = self.w_optimizer
+        new_w, new_buf = sgd.updates(w_saved, g_w, lr, apply=ok)
+        _assign(w_vars, new_w)
+        _assign(sgd.buffers, new_buf)
 
         def pick(new, old):
             return [tf.where(ok, n, o) for n, o in zip(new, old)]
 
-        sgd = self.w_optimizer
-        _assign(w_vars, pick(new_w, w_saved))
-        _assign(sgd.buffers, pick(new_buf, [b.read_value()
-                                            for b in sgd.buffers]))
         _assign(alpha_vars, pick(new_alpha, alpha_saved))
         _assign(adam.m, pick(new_m, [m.read_value() for m in adam.m]))
         _assign(adam.v, pick(new_v, [v.read_value() for v in adam.v]))
