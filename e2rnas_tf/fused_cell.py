@@ -21,13 +21,13 @@ each op type once per state for all of that state's outgoing edges:
 * all batch-norm statistics of a state live in one pair of variables (one
   read and one update per state).
 
-That is the "batched" edge layout. For large tensors on CPU, per-edge
-depthwise and 1x1 convolutions over ``C`` channels are faster than one over
-``M * C`` channels plus the tiling that feeds it, so the "split" layout
-keeps everything above except the stacking: its convolutions run per edge
-on the shared ReLU, with kernels and statistics still read once per state
-and split. Both layouts compute the same function from the same variables;
-"auto" picks per cell by node size.
+That is the default "batched" edge layout. The "split" layout keeps all of
+the above except the stacking: its convolutions run per edge on the shared
+ReLU (kernels and statistics still read once per state and split). It
+computes the same function from the same variables with twice the graph
+ops; it was slower in every network-level measurement on 2 CPU cores (even
+at batch 64, 32x32, C=16, where single-cell timings had hinted otherwise)
+and is kept for hardware where per-edge kernels might win.
 
 The graph of a 4-step cell shrinks from 14 x 8 small Keras layers to a few
 dozen raw ops per state (a third of the ops of a whole fwd+bwd step), which
@@ -64,12 +64,6 @@ from e2rnas_tf import ops as ops_lib
 # cell as an implementation choice of SearchNetwork.
 
 _PACKAGE = "e2rnas_tf"
-
-# "auto" edge layout: batched when a node holds at most this many values per
-# example (H * W * C), split above. Measured fwd+bwd of one normal cell on 2
-# CPU cores (oneDNN): batched 1.6x faster than split at 16x16x8 (batch 32),
-# 1.2x slower at 16x16x32 and 32x32x16 (batch 64), even at 8x8x64.
-_BATCHED_MAX_SIZE = 4096
 
 _CONV_SPECS = {
     # name: (kernel_size, dilation, separable)
@@ -226,12 +220,11 @@ class FusedSearchCell(keras.layers.Layer):
         steps: intermediate nodes.
         multiplier: nodes concatenated into the output.
         primitives: candidate op names.
-        edge_layout: "batched" (a state's edges stacked along channels:
-            fewest ops, fastest for small tensors), "split" (convolutions
-            per edge on the shared ReLU: faster steps for large tensors
-            on CPU) or "auto" (batched when a node holds at most
-            `_BATCHED_MAX_SIZE` values per example). Same function,
-            same variables.
+        edge_layout: "batched" (a state's edges stacked along channels)
+            or "split" (convolutions per edge on the shared ReLU). Same
+            function, same variables; batched has half the graph ops and
+            was the faster on 2 CPU cores at every size measured (see
+            tools/trace_bench.py).
 
     Call arguments:
         s0: output of the cell before the previous one.
@@ -252,14 +245,14 @@ class FusedSearchCell(keras.layers.Layer):
 
     def __init__(self, channels, reduction=False, reduction_prev=False,
                  steps=4, multiplier=4, primitives=ops_lib.PRIMITIVES,
-                 edge_layout="auto", **kwargs):
+                 edge_layout="batched", **kwargs):
         super().__init__(**kwargs)
         ops_lib._check_positive_int("channels", channels)
         ops_lib._check_positive_int("steps", steps)
         ops_lib._check_positive_int("multiplier", multiplier)
-        if edge_layout not in ("auto", "split", "batched"):
+        if edge_layout not in ("split", "batched"):
             raise ValueError(
-                "Expected `edge_layout` 'auto', 'split' or 'batched'. "
+                "Expected `edge_layout` 'batched' or 'split'. "
                 f"Received: edge_layout={edge_layout!r}")
         self.edge_layout = edge_layout
         if multiplier > steps:
@@ -317,11 +310,6 @@ class FusedSearchCell(keras.layers.Layer):
         self.preprocess0.build(s0_shape)
         self.preprocess1.build(s1_shape)
         c = self.channels
-        out = self.compute_output_shape(s0_shape, s1_shape)
-        size = None if None in out[1:3] else out[1] * out[2] * c
-        self._split_edges = self.edge_layout == "split" or (
-            self.edge_layout == "auto" and size is not None
-            and size > _BATCHED_MAX_SIZE)
         # self._params[j][name][role]: the kernels of op `name` on state j.
         # self._stats[j]: (moving mean, moving variance) of all of state
         # j's batch norms, concatenated (one read and one update per state
@@ -575,7 +563,7 @@ class FusedSearchCell(keras.layers.Layer):
         for j, (stride, targets, _) in enumerate(self._plan):
             if j >= 2:
                 states.append(self._node(inputs[j - 2], states[1]))
-            if self._split_edges:
+            if self.edge_layout == "split":
                 m = len(targets)
                 scales_j = {k: tf.split(v, m) if m > 1 else [v]
                             for k, v in scales[j].items()}

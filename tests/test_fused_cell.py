@@ -236,18 +236,6 @@ def test_invalid_arguments():
         fused_cell.FusedSearchCell(4, edge_layout="fast")
 
 
-def test_auto_edge_layout_splits_large_nodes_only():
-    x = tf.zeros([1, 16, 16, 4])
-    small = fused_cell.FusedSearchCell(16)  # 16 * 16 * 16 values per node
-    small.build(x.shape, x.shape)
-    large = fused_cell.FusedSearchCell(32)
-    large.build(x.shape, x.shape)
-    reduced = fused_cell.FusedSearchCell(32, reduction=True)
-    reduced.build(x.shape, x.shape)
-    assert not small._split_edges and large._split_edges
-    assert not reduced._split_edges  # 8 * 8 * 32 after the reduction
-
-
 def test_state_plan_covers_every_edge_once():
     for steps in (1, 2, 4):
         for reduction in (False, True):

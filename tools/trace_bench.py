@@ -50,7 +50,7 @@ def _network(impl, layers, channels):
                   alpha_seed=0)
     if impl != "reference":
         # SearchNetwork looks SearchCell up at construction time.
-        layout = "auto" if impl == "fused" else impl
+        layout = "batched" if impl == "fused" else impl
         patch = mock.patch.object(
             search_space, "SearchCell",
             functools.partial(fused_cell.FusedSearchCell, edge_layout=layout))
@@ -108,9 +108,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--impl", choices=IMPLS, action="append",
                         help="implementations to time (repeatable); "
-                        "fused = FusedSearchCell with edge_layout='auto', "
-                        "batched/split = that layout everywhere; default: "
-                        "reference and fused")
+                        "fused = FusedSearchCell (default batched edge "
+                        "layout), batched/split = that edge layout; "
+                        "default: reference and fused")
     parser.add_argument("--layers", type=int)
     parser.add_argument("--channels", type=int)
     parser.add_argument("--batch", type=int)
