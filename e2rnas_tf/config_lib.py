@@ -53,6 +53,9 @@ def runtime_config(c):
     c.strategy = ml_collections.ConfigDict()
     c.strategy.name = "default"    # default | mirrored | multi_worker
     c.strategy.devices = []        # mirrored: device names; [] = all GPUs
+    # Split the CPU into N logical devices (N > 1: `mirrored` without GPUs
+    # replicates over them; for testing distribution on one machine).
+    c.strategy.cpu_devices = 0
     # Grappler graph optimisation. Off by default: on the CPU it costs more
     # start-up time than it saves (BENCHMARKS.md).
     c.graph_optimization = False

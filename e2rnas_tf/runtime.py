@@ -13,14 +13,57 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "mirrored", "multi_worker")
 
 
+def split_cpu(count):
+    """Splits the host CPU into ``count`` logical devices.
+
+    A way to run (and test) `tf.distribute.MirroredStrategy` without GPUs:
+    ``/cpu:0`` ... ``/cpu:{count-1}`` then act as replicas. It must run
+    before TensorFlow initialises its devices (before the first tensor is
+    made); afterwards it succeeds only if the split is already in place.
+
+    Args:
+        count: number of logical CPU devices, >= 1 (1 leaves the CPU as is).
+
+    Example:
+
+    >>> split_cpu(2)  # doctest: +SKIP
+    >>> len(tf.config.list_logical_devices("CPU"))  # doctest: +SKIP
+    2
+    """
+    count = int(count)
+    if count < 1:
+        raise ValueError(
+            f"Expected a CPU device count >= 1. Received: count={count}")
+    cpu = tf.config.list_physical_devices("CPU")[0]
+    current = tf.config.get_logical_device_configuration(cpu)
+    if current is not None and len(current) == count:
+        return
+    if current is None and count == 1:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            cpu, [tf.config.LogicalDeviceConfiguration()] * count)
+    except RuntimeError as error:
+        # Devices were initialised earlier in this process (some tensor was
+        # made): the split can no longer change.
+        raise ValueError(
+            f"Cannot split the CPU into {count} logical devices: TensorFlow "
+            "already initialised its devices in this process; set "
+            "config.strategy.cpu_devices in a fresh process") from error
+
+
 def configure(config):
     """Applies the runtime fields of ``config`` to this process.
 
     Args:
         config: a config from `e2rnas_tf.config_lib` (fields
             ``mixed_precision``, ``graph_optimization``, ``deterministic``,
-            ``seed``).
+            ``seed``, ``strategy.cpu_devices``).
     """
+    # First: every call below may initialise TensorFlow's devices.
+    cpu_devices = int(config.strategy.get("cpu_devices", 0))
+    if cpu_devices:
+        split_cpu(cpu_devices)
     if config.mixed_precision not in PRECISIONS:
         raise ValueError(
             f"Expected config.mixed_precision in {list(PRECISIONS)}. "
@@ -35,8 +78,31 @@ def configure(config):
         tf.config.experimental.enable_op_determinism()
 
 
+def mirrored_devices(config):
+    """The devices a ``mirrored`` strategy replicates over.
+
+    ``config.strategy.devices`` if given; else every GPU; else, with the
+    CPU split into logical devices (``config.strategy.cpu_devices``), every
+    logical CPU; else None (TensorFlow's choice: the CPU alone).
+    """
+    devices = list(config.strategy.devices)
+    if devices:
+        return devices
+    if tf.config.list_logical_devices("GPU"):
+        return None
+    cpus = [d.name for d in tf.config.list_logical_devices("CPU")]
+    return cpus if len(cpus) > 1 else None
+
+
 def make_strategy(config):
-    """The `tf.distribute.Strategy` named by ``config.strategy``."""
+    """The `tf.distribute.Strategy` named by ``config.strategy``.
+
+    ``default``: no distribution. ``mirrored``: synchronous replicas on the
+    local devices of `mirrored_devices`. ``multi_worker``:
+    `tf.distribute.MultiWorkerMirroredStrategy`, the cluster read from the
+    ``TF_CONFIG`` environment variable (each worker replicates over its
+    GPUs, or its CPU).
+    """
     name = config.strategy.name
     if name not in STRATEGIES:
         raise ValueError(
@@ -45,6 +111,6 @@ def make_strategy(config):
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        devices = list(config.strategy.devices) or None
-        return tf.distribute.MirroredStrategy(devices=devices)
+        return tf.distribute.MirroredStrategy(
+            devices=mirrored_devices(config))
     return tf.distribute.MultiWorkerMirroredStrategy()
