@@ -41,9 +41,9 @@ import sys
 import time
 
 import keras
-import numpy as np
 import tensorflow as tf
 
+from e2rnas_tf import checkpointing
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import genotypes as genotypes_lib
 from e2rnas_tf import model as model_lib
@@ -239,7 +239,9 @@ def make_train_step(model, optimizer, strategy, config):
     Returns:
         ``step_fn(images, labels, step) -> dict`` of float32 scalars:
         ``loss`` (total), ``ce``, ``aux_ce``, ``accuracy`` (on the trained
-        batch), ``grad_norm`` (before clipping) and ``loss_scale``.
+        batch), ``grad_norm`` (before clipping), ``loss_scale`` and
+        ``skipped`` (1 if the loss or gradient was NaN/Inf: then nothing,
+        batch-norm statistics included, was changed).
     """
     variables = model.trainable_variables
     if not optimizer.built:
@@ -303,10 +305,31 @@ def make_train_step(model, optimizer, strategy, config):
             "grad_norm": norm / scale, "loss_scale": scale,
         }
 
+    # Everything a step writes: weights, batch-norm statistics, optimizer
+    # slots and counters (a loss-scale optimizer's scale included).
+    state = list(model.weights) + list(optimizer.variables)
+    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
+
     def step_fn(images, labels, step):
+        saved = [tf.identity(v.value) for v in state]
         out = strategy.run(replica_step, args=(images, labels, step))
-        return {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-                for k, v in out.items()}
+        out = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
+               for k, v in out.items()}
+        # A non-finite loss or gradient skips the step: every variable gets
+        # its value from before the step back. (A loss-scale optimizer
+        # already skips overflowing gradients itself and must keep its
+        # halved scale, so there only the loss decides.)
+        ok = tf.math.is_finite(out["loss"])
+        if not loss_scaled:
+            ok = ok & tf.math.is_finite(out["grad_norm"])
+
+        def undo():
+            for v, s in zip(state, saved):
+                v.assign(s)
+            return tf.constant(1.0)
+
+        out["skipped"] = tf.cond(ok, lambda: tf.constant(0.0), undo)
+        return out
 
     return tf.function(step_fn, autograph=False,
                        jit_compile=bool(config.jit_compile))
@@ -356,22 +379,12 @@ def evaluate_clean(eval_fn, strategy, test, batch_size):
 # The loop.
 
 
-def _variables_by_path(model):
-    """Every model variable keyed by its unique Keras path.
-
-    `tf.train.Checkpoint(model=model)` would miss most of the network:
-    Keras 3 does not expose layers held in Python lists (the cells, their
-    edges) as TensorFlow checkpoint dependencies, only layers assigned to
-    attributes. A flat dict of all variables is complete and does not
-    depend on how the model nests its layers.
-    """
-    variables = {}
-    for v in model.weights:
-        if v.path in variables:
-            raise ValueError(
-                f"Expected unique variable paths. Received: {v.path!r} twice")
-        variables[v.path] = v
-    return variables
+def _fingerprint(config, genotype, info):
+    """What decides the checkpointed variables (see `checkpointing`)."""
+    return {"genotype": genotype.to_dict(), "dataset": info.name,
+            "num_classes": info.num_classes, "image_size": info.image_size,
+            "model": config.model.to_dict(),
+            "mixed_precision": config.mixed_precision}
 
 
 def train(config, workdir, *, overwrite=False):
@@ -447,14 +460,14 @@ def train(config, workdir, *, overwrite=False):
                                   name="global_step")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
                            name="best_accuracy")
-    checkpoint = tf.train.Checkpoint(
-        model=_variables_by_path(model), optimizer=optimizer,
-        step=global_step, best_accuracy=best)
-    manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3)
-    if resume and manager.latest_checkpoint:
-        status = checkpoint.restore(manager.latest_checkpoint)
-        status.assert_existing_objects_matched()
+    checkpoint = checkpointing.RunCheckpoint(
+        os.path.join(workdir, "checkpoints"),
+        {"model": checkpointing.variables_by_path(model),
+         "optimizer": checkpointing.optimizer_variables(optimizer),
+         "step": global_step, "best_accuracy": best},
+        fingerprint=_fingerprint(config, genotype, info), max_to_keep=3)
+    if resume:
+        checkpoint.restore()
     start_step = int(global_step.numpy())
     start_epoch = start_step // steps_per_epoch
     metrics_path = os.path.join(workdir, "metrics.jsonl")
@@ -484,7 +497,11 @@ def train(config, workdir, *, overwrite=False):
     verbose = 1 if sys.stdout.isatty() else 2
     step = start_step
     last = {}
+    skips, preempted = 0, None
+    max_skips = int(config.get("max_consecutive_skips", 10))
 
+    # SIGTERM (preemption) ends the run after the current step, saved.
+    guard = checkpointing.PreemptionGuard().__enter__()
     try:
         for epoch in range(start_epoch, config.epochs):
             lr = cosine_lr(epoch, config.epochs, config.optim.lr,
@@ -511,24 +528,45 @@ def train(config, workdir, *, overwrite=False):
                     images, labels, tf.constant(step, tf.int64)).items()}
                 step += 1
                 global_step.assign(step)
-                if not np.isfinite(out["loss"]):
-                    raise TrainingDiverged(
-                        f"Training loss is {out['loss']} at epoch "
-                        f"{epoch + 1} step {step}; the last checkpoint in "
-                        f"{workdir} precedes it (lower optim.lr or check "
-                        "the data)")
-                for k, v in out.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                count += 1
-                bar.update(count, [("loss", out["loss"]),
-                                   ("acc", out["accuracy"])])
+                if out["skipped"]:
+                    skips += 1
+                    print(f"step {step} skipped: non-finite loss "
+                          f"{out['loss']} or gradient norm "
+                          f"{out['grad_norm']} ({skips} in a row)",
+                          flush=True)
+                    if skips >= max_skips:
+                        # Nothing of the skipped steps was applied: the
+                        # weights saved here are the last finite ones.
+                        checkpoint.save(step)
+                        raise TrainingDiverged(
+                            f"{skips} consecutive training steps had a "
+                            f"non-finite loss or gradient (epoch "
+                            f"{epoch + 1}, step {step}); the weights "
+                            f"before them are in {checkpoint.latest} "
+                            "(lower optim.lr or check the data)")
+                else:
+                    skips = 0
+                    for k, v in out.items():
+                        sums[k] = sums.get(k, 0.0) + v
+                    count += 1
+                    bar.update(count, [("loss", out["loss"]),
+                                       ("acc", out["accuracy"])])
                 if step % log_every == 0:
                     with writer.as_default(step=step):
                         tf.summary.scalar("train_step/loss", out["loss"])
                         tf.summary.scalar("train_step/accuracy",
                                           out["accuracy"])
                 if checkpoint_every and step % checkpoint_every == 0:
-                    manager.save(checkpoint_number=step)
+                    checkpoint.save(step)
+                if guard.requested:
+                    break
+            if guard.requested and step < (epoch + 1) * steps_per_epoch:
+                # Preempted mid-epoch: the finished steps are saved; the
+                # same command resumes from them. (At the end of an epoch
+                # the epoch is completed first, so its record is kept.)
+                checkpoint.save(step)
+                preempted = guard.requested
+                break
             train_time = time.time() - start
             val_loss, val_acc = evaluate_clean(eval_fn, strategy, test_data,
                                                config.eval_batch_size)
@@ -552,18 +590,25 @@ def train(config, workdir, *, overwrite=False):
             _save_model(model, os.path.join(workdir, "model_last.keras"))
             if improved:
                 _save_model(model, os.path.join(workdir, "model_best.keras"))
-            manager.save(checkpoint_number=step)
+            checkpoint.save(step)
             print(f"  train loss {record.get('train_loss', float('nan')):.4f} "
                   f"acc {record.get('train_accuracy', float('nan')):.4f} | "
                   f"test loss {val_loss:.4f} acc {val_acc:.4f} "
                   f"(best {record['best_test_accuracy']:.4f}) "
                   f"{train_time:.1f}s", flush=True)
             last = record
+            if guard.requested and epoch + 1 < config.epochs:
+                preempted = guard.requested
+                break
     finally:
+        guard.__exit__()
         # A run that stops early still closes its trace.
         if profiler:
             profiler.stop()
         writer.flush()
+    if preempted:
+        return {"preempted": preempted, "steps": step, "workdir": workdir,
+                "checkpoint": checkpoint.latest}
     if not last:  # already finished: report the last recorded epoch
         with open(metrics_path) as f:
             lines = [json.loads(line) for line in f if line.strip()]
@@ -589,6 +634,12 @@ def main(config, args):
         # replaces config.genotype, and is recorded as such.
         config.genotype = args.genotype
     summary = train(config, args.workdir, overwrite=args.overwrite)
+    if summary.get("preempted"):
+        print(f"e2rnas train: stopped by {summary['preempted']} after step "
+              f"{summary['steps']}; checkpoint {summary['checkpoint']} "
+              "saved. Resume by running the same command again.",
+              flush=True)
+        return 0
     print(f"e2rnas train: best test accuracy {summary['best_accuracy']:.4f}, "
           f"last {summary['last_accuracy']:.4f}; {summary['params']:,} "
           f"parameters, {summary['macs']:,} multiply-adds; outputs in "

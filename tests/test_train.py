@@ -106,7 +106,8 @@ def test_train_step_matches_clipped_l2_sgd():
     step = train_lib.make_train_step(net, optimizer, strategy, config)
     out = step(images, labels, tf.constant(0, tf.int64))
     assert set(out) == {"loss", "ce", "aux_ce", "accuracy", "grad_norm",
-                        "loss_scale"}
+                        "loss_scale", "skipped"}
+    assert float(out["skipped"]) == 0.0
     assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(out["grad_norm"]) == pytest.approx(norm, rel=1e-4)
     assert norm > 0.5  # the clip was active
