@@ -1,0 +1,267 @@
+"""Distribution tests: a mirrored search/training step equals one device.
+
+The CPU is split into two logical devices (``config.strategy.cpu_devices``),
+which has to happen before TensorFlow initialises its devices, so the
+checks run in a fresh subprocess: this file run as a script.
+
+What is comparable. Batch normalisation in training mode normalises with
+the statistics of the batch it sees, and each replica sees only its share
+of the global batch: a 2-replica step on a global batch of 8 normalises
+two groups of 4, which no plain single-device step on the 8 examples does.
+The single-device reference therefore runs the same network on the two
+halves separately ("ghost batches") and concatenates the logits; the loss
+is still the mean over the 8 examples. With that, the forward passes match
+operation for operation and the remaining difference is the order of
+floating-point sums (all-reduce vs. one reduction), so the results agree
+to float32 rounding. The moving BN statistics (used only in inference
+mode) are not compared: each replica updates its copy from its own half.
+A further check shows the difference is real: the plain full-batch
+reference does not match.
+
+Tiny sizes: 3 cells of 2 nodes, 4 channels, 4 candidate ops, 8x8 images,
+global batch 8, 3 steps.
+"""
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PRIMITIVES = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
+STEPS = 3
+BATCH = 8
+
+
+def _set(config, overrides):
+    for key, value in overrides.items():
+        node = config
+        *path, last = key.split(".")
+        for part in path:
+            node = node[part]
+        node[last] = value
+    return config
+
+
+def search_config(**overrides):
+    from e2rnas_tf import config_lib
+
+    c = config_lib.search_config()
+    _set(c, {"model.layers": 3, "model.channels": 4, "model.steps": 2,
+             "model.multiplier": 2, "model.primitives": PRIMITIVES,
+             "data.image_size": 8, "batch_size": BATCH, "epochs": 2,
+             "resource.layers": 5, "resource.channels": 8,
+             "objectives": ("acc", "adv", "params"),
+             # A deterministic attack: the random start of a replica's half
+             # batch is not the matching half of a full-batch draw.
+             "attack.random_start": False})
+    _set(c, overrides)
+    c.lock()
+    return c
+
+
+def train_config(**overrides):
+    from e2rnas_tf import config_lib
+
+    c = config_lib.train_config()
+    _set(c, {"model.layers": 3, "model.channels": 4,
+             "model.auxiliary": False, "model.drop_path": 0.0,
+             "data.image_size": 8, "batch_size": BATCH, "epochs": 2})
+    _set(c, overrides)
+    c.lock()
+    return c
+
+
+def batches(seed, steps=STEPS):
+    rng = np.random.default_rng(seed)
+    return [(rng.random((BATCH, 8, 8, 3)).astype(np.float32),
+             rng.integers(0, 10, BATCH).astype(np.int32))
+            for _ in range(steps)]
+
+
+def ghost(fn, groups):
+    """``fn`` applied to ``groups`` equal slices of the batch, concatenated
+    (what the replicas compute, on one device)."""
+    import tensorflow as tf
+
+    def call(images, *args, **kwargs):
+        parts = [fn(x, *args, **kwargs) for x in tf.split(images, groups)]
+        if isinstance(parts[0], tuple):
+            return tuple(None if p[0] is None else tf.concat(list(p), 0)
+                         for p in zip(*parts))
+        return tf.concat(parts, 0)
+    return call
+
+
+def _local_path(variable):
+    # Without the model's own (uniquified) name.
+    return variable.path.split("/", 1)[-1]
+
+
+def snapshot(model):
+    return [(_local_path(v), v.numpy()) for v in model.weights]
+
+
+def restore(values, model):
+    assert len(values) == len(model.weights)
+    for (path, value), v in zip(values, model.weights):
+        assert path == _local_path(v), (path, v.path)
+        v.assign(value)
+
+
+def local_values(strategy, variable):
+    return [v.numpy() for v in
+            strategy.experimental_local_results(getattr(variable, "value",
+                                                        variable))]
+
+
+def run_search(strategy, config, ghost_groups, init_from=None):
+    """Builds a supernet + SearchStep under ``strategy``; runs STEPS steps
+    from the initial weights ``init_from`` (a `snapshot`) if given.
+
+    Returns (network, its initial snapshot, per-step metric dicts,
+    per-step alphas as [variable][replica] arrays)."""
+    import tensorflow as tf
+
+    from e2rnas_tf import search_step
+    from e2rnas_tf.search_space import SearchNetwork
+
+    with strategy.scope():
+        net = SearchNetwork(channels=4, num_classes=10, layers=3, steps=2,
+                            multiplier=2, primitives=PRIMITIVES, alpha_seed=0)
+        net.build((None, 8, 8, 3))
+        step = search_step.SearchStep(net, config, num_classes=10,
+                                      image_size=8, steps_per_epoch=10,
+                                      strategy=strategy)
+    if init_from is not None:
+        restore(init_from, net)
+    init = snapshot(net)
+    if ghost_groups > 1:
+        step._forward = ghost(step._forward, ghost_groups)
+    metrics, alphas = [], []
+    for train, valid in zip(batches(1), batches(2)):
+        if strategy.num_replicas_in_sync > 1:
+            ds = tf.data.Dataset.from_tensors((train, valid))
+            train, valid = next(iter(
+                strategy.experimental_distribute_dataset(ds)))
+        out = step(train, valid)
+        metrics.append({k: float(v) for k, v in out.items()})
+        alphas.append([local_values(strategy, a)
+                       for a in net.arch_variables])
+    return net, init, metrics, alphas
+
+
+def run_train(strategy, config, ghost_groups, init_from=None):
+    """A DerivedNetwork trained for STEPS steps by train.make_train_step;
+    returns (model, its initial snapshot, per-step metric dicts)."""
+    import keras
+    import tensorflow as tf
+
+    from e2rnas_tf import model as model_lib
+    from e2rnas_tf import train as train_lib
+
+    with strategy.scope():
+        model = model_lib.DerivedNetwork(
+            "DARTS_V2", channels=4, num_classes=10, layers=3,
+            name="derived_network")
+        model.build((None, 8, 8, 3))
+        optimizer = keras.optimizers.SGD(learning_rate=config.optim.lr,
+                                         momentum=config.optim.momentum)
+        optimizer.build(model.trainable_variables)
+    if init_from is not None:
+        restore(init_from, model)
+    init = snapshot(model)
+    target = model
+    if ghost_groups > 1:
+        class Ghost:
+            """The model, with call_with_aux on ghost batches."""
+            call_with_aux = staticmethod(ghost(model.call_with_aux,
+                                               ghost_groups))
+
+            def __getattr__(self, name):
+                return getattr(model, name)
+        target = Ghost()
+    step_fn = train_lib.make_train_step(target, optimizer, strategy, config)
+    metrics = []
+    for i, (images, labels) in enumerate(batches(3)):
+        if strategy.num_replicas_in_sync > 1:
+            ds = tf.data.Dataset.from_tensors((images, labels))
+            images, labels = next(iter(
+                strategy.experimental_distribute_dataset(ds)))
+        out = step_fn(images, labels, tf.constant(i, tf.int64))
+        metrics.append({k: float(v) for k, v in out.items()})
+    return model, init, metrics
+
+
+def mirrored_main():
+    """The mirrored checks (run in a fresh process)."""
+    import tensorflow as tf
+
+    from e2rnas_tf import runtime
+
+    cfg = search_config(**{"strategy.name": "mirrored",
+                           "strategy.cpu_devices": 2})
+    runtime.configure(cfg)
+    mirrored = runtime.make_strategy(cfg)
+    assert mirrored.num_replicas_in_sync == 2, mirrored.extended.worker_devices
+    single = tf.distribute.get_strategy()
+    tol = dict(rtol=1e-4, atol=1e-6)
+
+    # -- search --------------------------------------------------------------
+    net, init, m_metrics, m_alphas = run_search(mirrored, cfg, 1)
+    ref_cfg = search_config()
+    ref_net, _, r_metrics, r_alphas = run_search(single, ref_cfg, 2, init)
+    for step, (m_alpha, r_alpha) in enumerate(zip(m_alphas, r_alphas)):
+        for replicas, ref in zip(m_alpha, r_alpha):
+            a, b = replicas
+            # Every replica holds the very same alpha, bit for bit.
+            np.testing.assert_array_equal(a, b)
+            np.testing.assert_allclose(a, ref[0], err_msg=f"step {step}",
+                                       **tol)
+    for key, value in r_metrics[-1].items():
+        np.testing.assert_allclose(m_metrics[-1][key], value, err_msg=key,
+                                   **tol)
+    assert m_metrics[-1]["skipped"] == 0.0
+    for mv, rv in zip(net.weight_variables, ref_net.weight_variables):
+        a, b = local_values(mirrored, mv)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, rv.numpy(), err_msg=mv.path, **tol)
+    # Full-batch statistics give a different step: the ghost batches matter.
+    _, _, plain_metrics, _ = run_search(single, ref_cfg, 1, init)
+    assert not np.isclose(plain_metrics[0]["objective/acc"],
+                          m_metrics[0]["objective/acc"], rtol=1e-4)
+    print("search OK")
+
+    # -- retraining ------------------------------------------------------------
+    tcfg = train_config(**{"strategy.name": "mirrored",
+                           "strategy.cpu_devices": 2})
+    model, init, m_metrics = run_train(mirrored, tcfg, 1)
+    ref_model, _, r_metrics = run_train(single, train_config(), 2, init)
+    for key in ("loss", "accuracy", "grad_norm"):
+        np.testing.assert_allclose([m[key] for m in m_metrics],
+                                   [r[key] for r in r_metrics],
+                                   err_msg=key, **tol)
+    for mv, rv in zip(model.trainable_variables,
+                      ref_model.trainable_variables):
+        a, b = local_values(mirrored, mv)
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, rv.numpy(), err_msg=mv.path, **tol)
+    print("train OK")
+
+
+def run_script(mode, env, timeout=600):
+    return subprocess.run([sys.executable, os.path.abspath(__file__), mode],
+                          cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_mirrored_matches_single_device_with_ghost_batches(subprocess_env):
+    result = run_script("mirrored", subprocess_env)
+    assert result.returncode == 0, result.stdout + result.stderr[-4000:]
+    assert "search OK" in result.stdout and "train OK" in result.stdout
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ROOT)
+    {"mirrored": mirrored_main}[sys.argv[1]]()
