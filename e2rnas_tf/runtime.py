@@ -6,6 +6,10 @@ Called once by each command before any model or dataset is built.
 
 from __future__ import annotations
 
+import json
+import os
+import tempfile
+
 import keras
 import tensorflow as tf
 
@@ -114,3 +118,73 @@ def make_strategy(config):
         return tf.distribute.MirroredStrategy(
             devices=mirrored_devices(config))
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+def task(config=None):
+    """``(task_type, task_id, is_chief)`` of this process in its cluster.
+
+    Read from the ``TF_CONFIG`` environment variable under the
+    ``multi_worker`` strategy (as `tf.distribute.MultiWorkerMirroredStrategy`
+    decides: the ``chief`` task if the cluster has one, else worker 0);
+    ``("worker", 0, True)`` otherwise.
+
+    Args:
+        config: a config with ``strategy.name``; None reads ``TF_CONFIG``
+            whatever the strategy.
+
+    Example:
+
+    >>> os.environ["TF_CONFIG"] = json.dumps({
+    ...     "cluster": {"worker": ["127.0.0.1:2222", "127.0.0.1:2223"]},
+    ...     "task": {"type": "worker", "index": 1}})
+    >>> task()
+    ('worker', 1, False)
+    """
+    if config is not None and config.strategy.name != "multi_worker":
+        return "worker", 0, True
+    text = os.environ.get("TF_CONFIG", "")
+    if not text:
+        return "worker", 0, True
+    try:
+        tf_config = json.loads(text)
+    except ValueError as error:
+        raise ValueError(
+            f"Expected TF_CONFIG to hold JSON. Received: {text!r}") from error
+    cluster = tf_config.get("cluster", {})
+    info = tf_config.get("task", {})
+    task_type = info.get("type", "worker")
+    task_id = int(info.get("index", 0))
+    if "chief" in cluster:
+        chief = task_type == "chief"
+    else:
+        chief = task_type == "worker" and task_id == 0
+    return task_type, task_id, chief
+
+
+def output_dir(config, workdir):
+    """Where this process writes a run's outputs.
+
+    Every worker of a multi-worker run executes the same program, but only
+    the chief's outputs are the run's: the chief writes to ``workdir``,
+    any other task to a fresh temporary directory of its own (checkpoint
+    saving is collective, so every worker still saves, as TensorFlow's
+    multi-worker guide does). The caller may delete it when done
+    (`is_temporary`).
+
+    Args:
+        config: a config with ``strategy.name``.
+        workdir: the run's directory.
+
+    Returns:
+        A directory path.
+    """
+    task_type, task_id, chief = task(config)
+    if chief:
+        return workdir
+    return tempfile.mkdtemp(prefix=f"e2rnas-{task_type}{task_id}-")
+
+
+def is_temporary(config, path, workdir):
+    """Whether ``path`` is a non-chief scratch directory of `output_dir`."""
+    return not task(config)[2] and os.path.abspath(path) != \
+        os.path.abspath(workdir)
