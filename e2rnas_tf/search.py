@@ -251,7 +251,12 @@ def search(config, workdir, *, overwrite=False, log=print):
         if os.path.exists(history_path):
             with np.load(history_path) as f:
                 history = {k: list(f[k][:start_epoch]) for k in history}
-        log(f"resuming {workdir} at epoch {start_epoch + 1}, step {done}")
+        if start_epoch >= int(config.epochs):
+            log(f"{workdir} holds a finished run of this config; "
+                "re-deriving its genotype")
+        else:
+            log(f"resuming {workdir} at epoch {start_epoch + 1}, "
+                f"step {done}")
     mode = "a" if resume else "w"
     metrics_file = open(os.path.join(workdir, "metrics.jsonl"), mode)
     writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
