@@ -18,11 +18,18 @@ mode) are not compared: each replica updates its copy from its own half.
 A further check shows the difference is real: the plain full-batch
 reference does not match.
 
+Multi-worker: tools/multiworker_launch.py starts two local worker
+processes (TF_CONFIG on 127.0.0.1, free ports); each runs a few search and
+training steps under MultiWorkerMirroredStrategy, which must give both
+workers the same alpha, genotype and metrics, match the ghost-batch
+reference, and leave only the chief's output in the work directory.
+
 Tiny sizes: 3 cells of 2 nodes, 4 channels, 4 candidate ops, 8x8 images,
 global batch 8, 3 steps.
 """
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -116,7 +123,7 @@ def local_values(strategy, variable):
                                                         variable))]
 
 
-def run_search(strategy, config, ghost_groups, init_from=None):
+def run_search(strategy, config, ghost_groups, init_from=None, steps=STEPS):
     """Builds a supernet + SearchStep under ``strategy``; runs STEPS steps
     from the initial weights ``init_from`` (a `snapshot`) if given.
 
@@ -140,7 +147,7 @@ def run_search(strategy, config, ghost_groups, init_from=None):
     if ghost_groups > 1:
         step._forward = ghost(step._forward, ghost_groups)
     metrics, alphas = [], []
-    for train, valid in zip(batches(1), batches(2)):
+    for train, valid in zip(batches(1, steps), batches(2, steps)):
         if strategy.num_replicas_in_sync > 1:
             ds = tf.data.Dataset.from_tensors((train, valid))
             train, valid = next(iter(
@@ -250,6 +257,44 @@ def mirrored_main():
     print("train OK")
 
 
+MW_STEPS = 2
+
+
+def worker_main(workdir):
+    """One worker of a 2-worker MultiWorkerMirroredStrategy run (TF_CONFIG
+    set by the launcher): a few search and training steps, then the
+    results as one JSON line on stdout and, by the chief only, in
+    ``workdir/result.json``."""
+    import json
+
+    from e2rnas_tf import genotypes
+    from e2rnas_tf import runtime
+
+    cfg = search_config(**{"strategy.name": "multi_worker"})
+    runtime.configure(cfg)
+    strategy = runtime.make_strategy(cfg)
+    assert strategy.num_replicas_in_sync == 2
+    net, init, metrics, alphas = run_search(strategy, cfg, 1,
+                                            steps=MW_STEPS)
+    w_normal, w_reduce = net.op_weights()
+    genotype = genotypes.derive(w_normal.numpy(), w_reduce.numpy(),
+                                cfg.model.primitives, cfg.model.multiplier)
+    tcfg = train_config(**{"strategy.name": "multi_worker"})
+    _, _, train_metrics = run_train(strategy, tcfg, 1)
+    task_type, task_id, chief = runtime.task(cfg)
+    result = {"task": task_id, "chief": chief,
+              "alpha": [a[0].tolist() for a in alphas[-1]],
+              "init": [(path, value.tolist()) for path, value in init],
+              "genotype": genotype.to_dict(), "search": metrics,
+              "train": train_metrics}
+    out = runtime.output_dir(cfg, workdir)
+    with open(os.path.join(out, "result.json"), "w") as f:
+        json.dump(result, f)
+    if runtime.is_temporary(cfg, out, workdir):
+        shutil.rmtree(out)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
 def run_script(mode, env, timeout=600):
     return subprocess.run([sys.executable, os.path.abspath(__file__), mode],
                           cwd=ROOT, env=env, capture_output=True, text=True,
@@ -262,6 +307,57 @@ def test_mirrored_matches_single_device_with_ghost_batches(subprocess_env):
     assert "search OK" in result.stdout and "train OK" in result.stdout
 
 
+def test_multi_worker_search_and_training(subprocess_env, tmp_path):
+    """Two local workers (MultiWorkerMirroredStrategy over TF_CONFIG) hold
+    the same alpha and genotype after a few search steps, agree with the
+    single-device ghost-batch reference, and only the chief writes."""
+    import json
+
+    import tensorflow as tf
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import multiworker_launch
+
+    workdir = str(tmp_path / "run")
+    os.makedirs(workdir)
+    logs = str(tmp_path / "logs")
+    codes = multiworker_launch.launch(
+        [sys.executable, os.path.abspath(__file__), "worker", workdir],
+        2, logs, env=subprocess_env, timeout=600)
+    texts = [open(os.path.join(logs, f"worker{i}.log")).read()
+             for i in range(2)]
+    assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
+    results = [json.loads(line[len("RESULT "):]) for t in texts
+               for line in t.splitlines() if line.startswith("RESULT ")]
+    assert [r["task"] for r in results] == [0, 1]
+    assert [r["chief"] for r in results] == [True, False]
+    first, second = results
+    assert first["alpha"] == second["alpha"]  # bit for bit
+    assert first["genotype"] == second["genotype"]
+    assert first["search"] == second["search"]
+    assert first["train"] == second["train"]
+    # Only the chief's output is in the workdir.
+    assert os.listdir(workdir) == ["result.json"]
+    with open(os.path.join(workdir, "result.json")) as f:
+        assert json.load(f)["task"] == 0
+
+    # The same computation as two mirrored replicas: the single-device
+    # ghost-batch reference from the chief's initial weights.
+    init = [(path, np.asarray(value, np.float32))
+            for path, value in first["init"]]
+    single = tf.distribute.get_strategy()
+    _, _, ref_metrics, ref_alphas = run_search(
+        single, search_config(), 2, init, steps=MW_STEPS)
+    for got, ref in zip(first["alpha"], ref_alphas[-1]):
+        np.testing.assert_allclose(got, ref[0], rtol=1e-4, atol=1e-6)
+    for key, value in ref_metrics[-1].items():
+        np.testing.assert_allclose(first["search"][-1][key], value,
+                                   rtol=1e-4, atol=1e-6, err_msg=key)
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
-    {"mirrored": mirrored_main}[sys.argv[1]]()
+    if sys.argv[1] == "worker":
+        worker_main(sys.argv[2])
+    else:
+        {"mirrored": mirrored_main}[sys.argv[1]]()
