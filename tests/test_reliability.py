@@ -440,3 +440,99 @@ def test_train_sigkill_then_resume_is_identical(train_reference, tmp_path,
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_weights(reference,
                          _keras_weights(workdir / "model_last.keras"))
+
+
+# ---------------------------------------------------------------------------
+# The search run.
+
+SEARCH_FLAGS = [
+    "--config.model.layers=3", "--config.model.channels=4",
+    "--config.model.steps=2", "--config.model.multiplier=2",
+    "--config.model.primitives=('none','max_pool_3x3','skip_connect',"
+    "'sep_conv_3x3')",
+    "--config.data.image_size=8", "--config.batch_size=8",
+    "--config.data.num_train=96", "--config.data.num_test=16",
+    "--config.eval_batch_size=16", "--config.resource.layers=5",
+    "--config.resource.channels=8", "--config.epochs=2",
+    "--config.steps_per_epoch=5", "--config.checkpoint_every=1",
+    "--config.deterministic=True", "--config.objectives=('acc','params')",
+    "--config.arch.lr=0.01",
+]
+
+
+def _search_command(workdir):
+    return [sys.executable, "-m", "e2rnas_tf", "search",
+            "--config=configs/search_demo.py", f"--workdir={workdir}",
+            *SEARCH_FLAGS]
+
+
+def _final_state(workdir):
+    """Every tensor of the last checkpoint, and the genotype."""
+    workdir = pathlib.Path(workdir)
+    manifest = json.loads((workdir / "checkpoints" /
+                           checkpointing.MANIFEST).read_text())
+    prefix = workdir / "checkpoints" / manifest["checkpoints"][-1]["prefix"]
+    reader = tf.train.load_checkpoint(str(prefix))
+    tensors = {n: reader.get_tensor(n)
+               for n in reader.get_variable_to_shape_map()
+               if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}
+    return tensors, (workdir / "genotype.json").read_text()
+
+
+def _assert_same_search(a, b):
+    tensors_a, genotype_a = a
+    tensors_b, genotype_b = b
+    assert genotype_a == genotype_b
+    assert tensors_a.keys() == tensors_b.keys()
+    # The cells are in the checkpoint (not only stem and classifier).
+    assert sum("cell" in n for n in tensors_a) > 20
+    assert sum("alpha" in n for n in tensors_a) == 2
+    for name in tensors_a:
+        np.testing.assert_array_equal(tensors_a[name], tensors_b[name],
+                                      err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def search_reference(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("search_ref") / "full"
+    result = _run(_search_command(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return _final_state(workdir)
+
+
+def test_search_sigterm_then_resume_is_identical(search_reference, tmp_path):
+    workdir = tmp_path / "run"
+    command = _search_command(workdir)
+    code, out, err = _start_and_signal(
+        command, workdir, signal.SIGTERM,
+        lambda w: (_manifest_step(w) or 0) >= 2)
+    assert code == 0, err[-3000:]
+    assert "stopped by SIGTERM" in out
+    assert "Resume by running the same command again" in out
+    assert 2 <= _manifest_step(workdir) < 10
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming" in result.stdout
+    _assert_same_search(search_reference, _final_state(workdir))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["first_files", "step_3", "step_7"])
+def test_search_sigkill_then_resume_is_identical(search_reference, tmp_path,
+                                                 when):
+    workdir = tmp_path / "run"
+    command = _search_command(workdir)
+    if when == "first_files":
+        def ready(w):
+            return bool(list((pathlib.Path(w) / "checkpoints")
+                             .glob("ckpt-*")))
+    else:
+        target = int(when.split("_")[1])
+
+        def ready(w):
+            return (_manifest_step(w) or 0) >= target
+    code, _, _ = _start_and_signal(command, workdir, signal.SIGKILL, ready)
+    assert code == -signal.SIGKILL
+    result = _run(command)
+    assert result.returncode == 0, result.stderr[-3000:]
+    _assert_same_search(search_reference, _final_state(workdir))
