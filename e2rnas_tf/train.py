@@ -414,15 +414,24 @@ def train(config, workdir, *, overwrite=False):
     """
     _check_config(config)
     runtime.configure(config)
+    # Before any TensorFlow op: MultiWorkerMirroredStrategy configures the
+    # collective ops, which is possible only at program start.
+    strategy = runtime.make_strategy(config)
+    # Every worker of a multi-worker run decides from the chief's workdir;
+    # only the chief writes there, the others into scratch directories.
+    chief_dir = workdir
+    workdir = runtime.output_dir(config, chief_dir)
     genotype = genotypes_lib.get(config.genotype)
     config_dict = config.to_dict()
     # Refuse a foreign workdir before the slow set-up, but write to it only
     # once the data loaded, so that a config the data rejects can be fixed
     # and rerun in the same workdir.
-    resume, stale = _check_workdir(workdir, config_dict, genotype, overwrite)
+    resume, stale = _check_workdir(chief_dir, config_dict, genotype,
+                                   overwrite)
+    if workdir != chief_dir:
+        stale = []
     train_data, test_data, info = data_lib.load(config.data)
 
-    strategy = runtime.make_strategy(config)
     replicas = strategy.num_replicas_in_sync
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % replicas:
@@ -460,14 +469,19 @@ def train(config, workdir, *, overwrite=False):
                                   name="global_step")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
                            name="best_accuracy")
-    checkpoint = checkpointing.RunCheckpoint(
-        os.path.join(workdir, "checkpoints"),
-        {"model": checkpointing.variables_by_path(model),
-         "optimizer": checkpointing.optimizer_variables(optimizer),
-         "step": global_step, "best_accuracy": best},
-        fingerprint=_fingerprint(config, genotype, info), max_to_keep=3)
+    def run_checkpoint(directory):
+        return checkpointing.RunCheckpoint(
+            os.path.join(directory, "checkpoints"),
+            {"model": checkpointing.variables_by_path(model),
+             "optimizer": checkpointing.optimizer_variables(optimizer),
+             "step": global_step, "best_accuracy": best},
+            fingerprint=_fingerprint(config, genotype, info), max_to_keep=3)
+
+    checkpoint = run_checkpoint(workdir)
     if resume:
-        checkpoint.restore()
+        # A non-chief worker resumes from the chief's checkpoints.
+        (checkpoint if workdir == chief_dir
+         else run_checkpoint(chief_dir)).restore()
     start_step = int(global_step.numpy())
     start_epoch = start_step // steps_per_epoch
     metrics_path = os.path.join(workdir, "metrics.jsonl")
