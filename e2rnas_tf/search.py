@@ -11,8 +11,9 @@ writes into its work directory:
 - ``genotypes/epoch_NNN.json`` and the final ``genotype.json``;
 - ``alpha_history.npz``: ``alpha_normal`` / ``alpha_reduce``
   ``[epochs, edges, ops]`` snapshots at the end of each epoch;
-- ``checkpoints/``: `tf.train.Checkpoint` of the network (weights and
-  alphas), both optimizers and the step/epoch counters;
+- ``checkpoints/``: verified `checkpointing.RunCheckpoint`s of every
+  network variable (weights and alphas, by Keras path), both optimizers
+  and the step/epoch counters;
 - ``tb/``: TensorBoard scalars.
 
 A work directory that holds the same config resumes from its last
@@ -33,6 +34,7 @@ import time
 import numpy as np
 import tensorflow as tf
 
+from e2rnas_tf import checkpointing
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import genotypes
 from e2rnas_tf import objectives as obj_lib
@@ -82,6 +84,15 @@ def prepare_workdir(workdir, config, overwrite=False):
     with open(path, "w") as f:
         f.write(text)
     return same
+
+
+def _fingerprint(config, info):
+    """What decides the checkpointed variables (see `checkpointing`)."""
+    return {"model": config.model.to_dict(),
+            "objectives": list(config.objectives),
+            "dataset": info.name, "num_classes": info.num_classes,
+            "image_size": info.image_size,
+            "mixed_precision": config.mixed_precision}
 
 
 def build_network(config, info):
@@ -234,18 +245,21 @@ def search(config, workdir, *, overwrite=False, log=print):
         multiplier=config.model.multiplier,
         stem_multiplier=config.model.stem_multiplier,
         primitives=config.model.primitives)
-    checkpoint = tf.train.Checkpoint(
-        network=net, w_optimizer=step.w_optimizer,
-        arch_optimizer=step.arch_optimizer, search_step=step,
-        epoch=epoch_var)
-    manager = tf.train.CheckpointManager(
-        checkpoint, os.path.join(workdir, "checkpoints"), max_to_keep=3)
+    # Every supernet variable by its Keras path (tf.train.Checkpoint of
+    # the network itself would skip the cells, held in a list), and the
+    # step's own state (counters, both optimizers) by position and name.
+    checkpoint = checkpointing.RunCheckpoint(
+        os.path.join(workdir, "checkpoints"),
+        {"network": checkpointing.variables_by_path(net),
+         "search_step": {f"{i:04d}_{v.name}": v
+                         for i, v in enumerate(step.variables)},
+         "epoch": epoch_var},
+        fingerprint=_fingerprint(config, info), max_to_keep=3, log=log)
     history_path = os.path.join(workdir, "alpha_history.npz")
     history = {"alpha_normal": [], "alpha_reduce": []}
     start_epoch, skip = 0, 0
-    resume = resume and bool(manager.latest_checkpoint)
+    resume = resume and checkpoint.restore() is not None
     if resume:
-        checkpoint.restore(manager.latest_checkpoint).assert_existing_objects_matched()
         done = int(step.iterations.numpy())
         start_epoch, skip = divmod(done, steps_per_epoch)
         if os.path.exists(history_path):
@@ -274,6 +288,9 @@ def search(config, workdir, *, overwrite=False, log=print):
     epochs_summary = []
     aug = dict(crop_padding=config.data.crop_padding, flip=config.data.flip,
                cutout=config.data.cutout)
+    # SIGTERM (preemption) ends the run after the current step, saved.
+    guard = checkpointing.PreemptionGuard().__enter__()
+    preempted = None
     try:
         for epoch in range(start_epoch, int(config.epochs)):
             w_ds = data_lib.batches(w_split, batch, seed=config.seed,
@@ -316,6 +333,10 @@ def search(config, workdir, *, overwrite=False, log=print):
                         f"{', '.join(culprits) or 'update'} "
                         f"({int(metrics['consecutive_skips'])} in a row)")
                 if metrics["consecutive_skips"] >= limit:
+                    # Skipped steps change nothing: this checkpoint holds
+                    # the last finite state.
+                    checkpoint.save(global_step)
+                    log(f"last finite state saved in {checkpoint.latest}")
                     raise _skip_error(metrics, objectives, limit)
                 if (done_in_epoch % max(int(config.log_every), 1) == 0
                         or done_in_epoch == steps_per_epoch):
@@ -326,7 +347,16 @@ def search(config, workdir, *, overwrite=False, log=print):
                                        rate))
                 if (config.checkpoint_every
                         and global_step % int(config.checkpoint_every) == 0):
-                    manager.save(checkpoint_number=global_step)
+                    checkpoint.save(global_step)
+                if guard.requested:
+                    break
+            if guard.requested and done_in_epoch < steps_per_epoch:
+                # Preempted mid-epoch: save the finished steps; the same
+                # command resumes from them. (At the end of an epoch the
+                # epoch is completed first.)
+                checkpoint.save(int(step.iterations.numpy()))
+                preempted = guard.requested
+                break
             skip = 0
             summary = _end_of_epoch(
                 epoch, net, config, params_table, evaluate, eval_split,
@@ -344,10 +374,17 @@ def search(config, workdir, *, overwrite=False, log=print):
                 f"{summary['eval_acc']:.4f}, derived genotype "
                 f"{summary['genotype_params']:.3f}M params")
             epoch_var.assign(epoch + 1)
-            manager.save(checkpoint_number=int(step.iterations.numpy()))
+            checkpoint.save(int(step.iterations.numpy()))
+            if guard.requested and epoch + 1 < int(config.epochs):
+                preempted = guard.requested
+                break
     finally:
+        guard.__exit__()
         metrics_file.close()
         writer.close()
+    if preempted:
+        return dict(preempted=preempted, steps=int(step.iterations.numpy()),
+                    checkpoint=checkpoint.latest, workdir=workdir)
 
     genotype = derive_genotype(net, config)
     genotype.save(os.path.join(workdir, "genotype.json"))
@@ -388,5 +425,9 @@ def main(config, args):
     def log(line):
         print(line, flush=True)
 
-    search(config, args.workdir, overwrite=args.overwrite, log=log)
+    result = search(config, args.workdir, overwrite=args.overwrite, log=log)
+    if result.get("preempted"):
+        log(f"e2rnas search: stopped by {result['preempted']} after step "
+            f"{result['steps']}; checkpoint {result['checkpoint']} saved. "
+            "Resume by running the same command again.")
     return 0
