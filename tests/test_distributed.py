@@ -355,6 +355,63 @@ def test_multi_worker_search_and_training(subprocess_env, tmp_path):
                                    rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+TRAIN_CONFIG = """
+from e2rnas_tf import config_lib
+
+
+def get_config():
+    c = config_lib.train_config()
+    c.genotype = "DARTS_V2"
+    c.data.image_size = 8
+    c.data.num_train = 32
+    c.data.num_test = 16
+    c.model.layers = 3
+    c.model.channels = 4
+    c.model.auxiliary = False
+    c.batch_size = 8
+    c.eval_batch_size = 8
+    c.epochs = 1
+    c.steps_per_epoch = 2
+    c.strategy.name = "multi_worker"
+    c.lock()
+    return c
+"""
+
+
+def test_multi_worker_train_command_only_chief_writes(subprocess_env,
+                                                      tmp_path):
+    """``e2rnas train`` as two workers: the same run on both, the chief's
+    outputs in --workdir, the other worker's in its scratch directory."""
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import multiworker_launch
+
+    config_path = tmp_path / "tiny.py"
+    config_path.write_text(TRAIN_CONFIG)
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    workdir = tmp_path / "run"
+    env = dict(subprocess_env, TMPDIR=str(scratch))
+    codes = multiworker_launch.launch(
+        [sys.executable, "-m", "e2rnas_tf", "train",
+         f"--config={config_path}", f"--workdir={workdir}"],
+        2, str(tmp_path / "logs"), env=env, timeout=600)
+    texts = [(tmp_path / "logs" / f"worker{i}.log").read_text()
+             for i in range(2)]
+    assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
+    lines = [[line for line in t.splitlines() if "train loss" in line]
+             for t in texts]
+    assert len(lines[0]) == 1
+    # The same losses and accuracies (the timing at the end may differ).
+    assert lines[0][0].rsplit(" ", 1)[0] == lines[1][0].rsplit(" ", 1)[0]
+    assert "2 replica(s)" in texts[0]
+    for name in ("config.json", "summary.json", "metrics.jsonl",
+                 "model_last.keras", "checkpoints"):
+        assert (workdir / name).exists(), name
+    others = [p for p in scratch.iterdir() if p.name.startswith("e2rnas-")]
+    assert [p.name.split("-")[1] for p in others] == ["worker1"]
+    assert (others[0] / "summary.json").exists()
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     if sys.argv[1] == "worker":
