@@ -259,6 +259,12 @@ class RunCheckpoint:
         _write_json_atomic(self.manifest_path, {
             "format": _FORMAT, "fingerprint": self.fingerprint,
             "shapes": self._shapes, "checkpoints": entries})
+        # TensorFlow's own index too (`tf.train.latest_checkpoint`, other
+        # tools); restoring reads only the verified manifest.
+        tf.compat.v1.train.update_checkpoint_state(
+            self.directory, prefix,
+            all_model_checkpoint_paths=[
+                os.path.join(self.directory, e["prefix"]) for e in entries])
         # Only once the manifest no longer names them.
         for entry in dropped:
             for name in entry["files"]:
