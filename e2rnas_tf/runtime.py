@@ -105,18 +105,39 @@ def make_strategy(config):
     local devices of `mirrored_devices`. ``multi_worker``:
     `tf.distribute.MultiWorkerMirroredStrategy`, the cluster read from the
     ``TF_CONFIG`` environment variable (each worker replicates over its
-    GPUs, or its CPU).
+    GPUs, or its CPU). Call it right after `configure`, before any other
+    TensorFlow op: the multi-worker strategy configures collective ops,
+    which TensorFlow allows only at program start.
+
+    ``config.jit_compile`` compiles each whole distributed step with XLA,
+    which works on one local device (and, on GPUs, across workers); a
+    mirrored strategy over several devices, or a multi-worker run on CPUs,
+    with ``jit_compile`` raises ValueError.
     """
     name = config.strategy.name
     if name not in STRATEGIES:
         raise ValueError(
             f"Expected config.strategy.name in {list(STRATEGIES)}. "
             f"Received: {name!r}")
+    jit = bool(config.get("jit_compile", False))
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        return tf.distribute.MirroredStrategy(
-            devices=mirrored_devices(config))
+        devices = mirrored_devices(config)
+        count = (len(devices) if devices is not None
+                 else max(len(tf.config.list_logical_devices("GPU")), 1))
+        if jit and count > 1:
+            # The steps compile the whole distributed step (strategy.run
+            # included); XLA cannot place one cluster on several devices.
+            raise ValueError(
+                "Expected config.jit_compile=False with a mirrored strategy "
+                "over several devices (XLA compiles the whole distributed "
+                f"step, on one device). Received: {count} devices")
+        return tf.distribute.MirroredStrategy(devices=devices)
+    if jit and not tf.config.list_logical_devices("GPU"):
+        raise ValueError(
+            "Expected config.jit_compile=False for a multi-worker run on "
+            "CPUs: XLA has no CPU collectives. Received: jit_compile=True")
     return tf.distribute.MultiWorkerMirroredStrategy()
 
 

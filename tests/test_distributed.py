@@ -355,6 +355,25 @@ def test_multi_worker_search_and_training(subprocess_env, tmp_path):
                                    rtol=1e-4, atol=1e-6, err_msg=key)
 
 
+def test_xla_is_refused_where_it_cannot_compile_the_step():
+    import pytest
+
+    from e2rnas_tf import runtime
+
+    # Checked before any strategy is made: no devices are touched.
+    two = search_config(**{"strategy.name": "mirrored", "jit_compile": True,
+                           "strategy.devices": ("/cpu:0", "/gpu:0")})
+    with pytest.raises(ValueError, match="jit_compile=False with a mirrored"):
+        runtime.make_strategy(two)
+    cpu_workers = search_config(**{"strategy.name": "multi_worker",
+                                   "jit_compile": True})
+    with pytest.raises(ValueError, match="no CPU collectives"):
+        runtime.make_strategy(cpu_workers)
+    one = search_config(**{"strategy.name": "mirrored", "jit_compile": True,
+                           "strategy.devices": ("/cpu:0",)})
+    assert runtime.make_strategy(one).num_replicas_in_sync == 1
+
+
 TRAIN_CONFIG = """
 from e2rnas_tf import config_lib
 
