@@ -73,7 +73,10 @@ def search_config():
     c.data = data_config()
     c.model = ml_collections.ConfigDict(dict(
         channels=16, layers=8, steps=4, multiplier=4, stem_multiplier=3,
-        primitives=tuple(PRIMITIVES)))
+        primitives=tuple(PRIMITIVES),
+        # fused | reference: the same supernet; fused traces and runs
+        # faster (search_space.SearchNetwork, BENCHMARKS.md).
+        cell_impl="fused"))
     c.batch_size = 64
     c.eval_batch_size = 256
     c.epochs = 50

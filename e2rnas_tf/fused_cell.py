@@ -173,18 +173,6 @@ def grouped_pointwise(x, kernel):
     return tf.nn.conv2d(x, kernel, 1, "VALID")
 
 
-def _pool(x, kind, stride):
-    """`ops.Pool` without the Keras layer."""
-    if stride == 1:
-        pool = tf.nn.max_pool2d if kind == "max" else tf.nn.avg_pool2d
-        return pool(x, 3, 1, "SAME")
-    if kind == "max":
-        return tf.nn.max_pool2d(x, 3, 2, [[0, 0], [1, 1], [1, 1], [0, 0]])
-    scale = ops_lib._avg_pool_scale(x.shape[1], x.shape[2])
-    y = tf.nn.avg_pool2d(ops_lib._pad_hw(x, 1), 3, 2, "VALID")
-    return y * tf.constant(scale, dtype=y.dtype)
-
-
 def _batch_norm(y, moving_mean, moving_var, scale, training):
     """Non-affine batch norm of `y` times `scale` (float32, per channel).
 
@@ -417,7 +405,8 @@ class FusedSearchCell(keras.layers.Layer):
                 if name == "skip_connect":
                     y = x
                 else:
-                    y = batch_norm(_pool(x, name[:3], stride), name, "")
+                    y = batch_norm(ops_lib.pool3x3(x, name[:3], stride),
+                                   name, "")
                 if m > 1:
                     y = tf.tile(y, [1, 1, 1, m])
                 outputs.append(y * tf.cast(scales[k], y.dtype))
@@ -506,7 +495,8 @@ class FusedSearchCell(keras.layers.Layer):
                 if name == "skip_connect":
                     y = x
                 else:
-                    y = batch_norm(_pool(x, name[:3], stride), (name, "", 0))
+                    y = batch_norm(ops_lib.pool3x3(x, name[:3], stride),
+                                   (name, "", 0))
                 for e in range(m):
                     terms[e].append(y * tf.cast(scales[k][e], y.dtype))
                 continue

@@ -310,23 +310,7 @@ class Pool(keras.layers.Layer):
         self.stride = _check_stride(stride)
 
     def call(self, inputs):
-        if self.stride == 1:
-            # Stride-1 SAME padding is symmetric and TF's average pooling
-            # already ignores padded pixels.
-            pool = tf.nn.max_pool2d if self.kind == "max" else tf.nn.avg_pool2d
-            return pool(inputs, 3, 1, "SAME")
-        if self.kind == "max":
-            # Pad with the lowest value (what padding means for a max) rather
-            # than use explicit pooling padding, which XLA does not support.
-            padded = tf.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]],
-                            constant_values=inputs.dtype.min)
-            return tf.nn.max_pool2d(padded, 3, 2, "VALID")
-        # Sum over the padded window, divided by the number of real pixels,
-        # which depends only on the (static) spatial size.
-        height, width = inputs.shape[1], inputs.shape[2]
-        x = tf.nn.avg_pool2d(_pad_hw(inputs, 1), 3, 2, "VALID")
-        scale = _avg_pool_scale(height, width)
-        return x * tf.constant(scale, dtype=x.dtype)
+        return pool3x3(inputs, self.kind, self.stride)
 
     def compute_output_shape(self, input_shape):
         return _strided_shape(input_shape, self.stride, input_shape[-1])
@@ -335,6 +319,27 @@ class Pool(keras.layers.Layer):
         config = super().get_config()
         config.update(kind=self.kind, stride=self.stride)
         return config
+
+
+def pool3x3(inputs, kind, stride):
+    """3x3 max/avg pooling with DARTS' padding 1 (see `Pool`)."""
+    if stride == 1:
+        # Stride-1 SAME padding is symmetric and TF's average pooling
+        # already ignores padded pixels.
+        pool = tf.nn.max_pool2d if kind == "max" else tf.nn.avg_pool2d
+        return pool(inputs, 3, 1, "SAME")
+    if kind == "max":
+        # Pad with the lowest value (what padding means for a max) rather
+        # than use explicit pooling padding, which XLA does not support.
+        padded = tf.pad(inputs, [[0, 0], [1, 1], [1, 1], [0, 0]],
+                        constant_values=inputs.dtype.min)
+        return tf.nn.max_pool2d(padded, 3, 2, "VALID")
+    # Sum over the padded window, divided by the number of real pixels,
+    # which depends only on the (static) spatial size.
+    height, width = inputs.shape[1], inputs.shape[2]
+    x = tf.nn.avg_pool2d(_pad_hw(inputs, 1), 3, stride, "VALID")
+    scale = _avg_pool_scale(height, width)
+    return x * tf.constant(scale, dtype=x.dtype)
 
 
 def _count_valid(size):

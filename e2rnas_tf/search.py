@@ -102,7 +102,8 @@ def build_network(config, info):
         channels=m.channels, num_classes=info.num_classes, layers=m.layers,
         steps=m.steps, multiplier=m.multiplier,
         stem_multiplier=m.stem_multiplier, primitives=m.primitives,
-        mean=info.mean, std=info.std, alpha_seed=int(config.seed))
+        mean=info.mean, std=info.std, alpha_seed=int(config.seed),
+        cell_impl=m.cell_impl)
     net.build((None, info.image_size, info.image_size, 3))
     return net
 

@@ -13,6 +13,7 @@ import numpy as np
 import tensorflow as tf
 
 from e2rnas_tf import ops as ops_lib
+from e2rnas_tf.fused_cell import FusedSearchCell
 
 _PACKAGE = "e2rnas_tf"
 
@@ -215,6 +216,10 @@ class SearchCell(keras.layers.Layer):
         return config
 
 
+# Implementations of a search cell: the same function, see SearchNetwork.
+CELL_IMPLS = {"fused": FusedSearchCell, "reference": SearchCell}
+
+
 def reduction_layers(layers):
     """Indices of the reduction cells among ``layers`` cells."""
     return sorted({layers // 3, 2 * layers // 3})
@@ -245,6 +250,12 @@ class SearchNetwork(keras.Model):
         primitives: candidate op names.
         mean, std: per-channel input normalisation, pixel units.
         alpha_seed: seed of the alpha initialiser (None for random).
+        cell_impl: ``"fused"`` (default) builds `fused_cell.FusedSearchCell`
+            cells, which compute each op once per state for all of its
+            outgoing edges: the same function with a fraction of the graph
+            ops, so the search step traces and runs faster (BENCHMARKS.md).
+            ``"reference"`` builds one `MixedOp` per edge, as in DARTS; it
+            is the readable definition the fused cell is tested against.
 
     Call arguments:
         inputs: ``[N, H, W, 3]`` images in [0, 1].
@@ -260,8 +271,14 @@ class SearchNetwork(keras.Model):
     def __init__(self, channels=16, num_classes=10, layers=8, steps=4,
                  multiplier=4, stem_multiplier=3,
                  primitives=ops_lib.PRIMITIVES, mean=(0.0, 0.0, 0.0),
-                 std=(1.0, 1.0, 1.0), alpha_seed=None, **kwargs):
+                 std=(1.0, 1.0, 1.0), alpha_seed=None, cell_impl="fused",
+                 **kwargs):
         super().__init__(**kwargs)
+        if cell_impl not in CELL_IMPLS:
+            raise ValueError(
+                f"Expected `cell_impl` in {list(CELL_IMPLS)}. "
+                f"Received: cell_impl={cell_impl!r}")
+        self.cell_impl = cell_impl
         for name, value in (("channels", channels), ("num_classes", num_classes),
                             ("layers", layers), ("steps", steps),
                             ("multiplier", multiplier),
@@ -293,7 +310,8 @@ class SearchNetwork(keras.Model):
             reduction = i in reductions
             if reduction:
                 c_curr *= 2
-            self.cells.append(SearchCell(
+            cell_cls = CELL_IMPLS[self.cell_impl]
+            self.cells.append(cell_cls(
                 c_curr, reduction, reduction_prev, self.steps,
                 self.multiplier, self.primitives, name=f"cell_{i}"))
             reduction_prev = reduction
@@ -366,6 +384,7 @@ class SearchNetwork(keras.Model):
             "mean": list(self.normalize.mean),
             "std": list(self.normalize.std),
             "alpha_seed": self.alpha_seed,
+            "cell_impl": self.cell_impl,
         }
 
 

@@ -135,7 +135,8 @@ def run_search(strategy, config, ghost_groups, init_from=None, steps=STEPS):
     from e2rnas_tf.search_space import SearchNetwork
 
     with strategy.scope():
-        net = SearchNetwork(channels=4, num_classes=10, layers=3, steps=2,
+        net = SearchNetwork(cell_impl=config.model.cell_impl,
+                            channels=4, num_classes=10, layers=3, steps=2,
                             multiplier=2, primitives=PRIMITIVES, alpha_seed=0)
         net.build((None, 8, 8, 3))
         step = search_step.SearchStep(net, config, num_classes=10,

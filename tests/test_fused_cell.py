@@ -4,7 +4,6 @@ The reference cell is the independent oracle: weights are copied into the
 fused cell and outputs, moving statistics and every gradient must agree.
 """
 
-from unittest import mock
 
 import keras
 import numpy as np
@@ -287,18 +286,10 @@ def test_bfloat16_policy_matches_float32_loosely():
                                atol=0.1, rtol=0.05)
 
 
-def _fused_network(**kwargs):
-    # The network picks its cell class up at construction time; this
-    # stands in for a `cell_impl` choice without editing search_space.
-    with mock.patch.object(search_space, "SearchCell",
-                           fused_cell.FusedSearchCell):
-        return search_space.SearchNetwork(**kwargs)
-
-
 def test_network_of_fused_cells_matches_reference_network():
     kwargs = dict(channels=4, num_classes=5, layers=3, alpha_seed=1)
-    ref = search_space.SearchNetwork(**kwargs)
-    fused = _fused_network(**kwargs)
+    ref = search_space.SearchNetwork(cell_impl="reference", **kwargs)
+    fused = search_space.SearchNetwork(cell_impl="fused", **kwargs)
     assert all(isinstance(c, fused_cell.FusedSearchCell) for c in fused.cells)
     images = tf.random.stateless_uniform([2, 8, 8, 3], [8, 0])
     ref.build(images.shape)

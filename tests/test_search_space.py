@@ -207,7 +207,8 @@ def test_search_cell_output_is_concat_of_last_nodes():
 # ---------------------------------------------------------------------------
 # SearchNetwork.
 
-NET_KW = dict(channels=4, num_classes=10, layers=3)
+# The reference cells: the hand formulas count one MixedOp per edge.
+NET_KW = dict(channels=4, num_classes=10, layers=3, cell_impl="reference")
 # Pinned: channels=4, layers=3, 10 classes, all 8 primitives, 8x8 input.
 PINNED_WEIGHTS = 72854
 PINNED_NON_TRAINABLE = 6792
@@ -239,6 +240,25 @@ def test_search_network_layer(images):
                 expected_trainable=weights + arch,
                 expected_non_trainable=non_trainable,
                 updates_moving_stats=True, graph_modes=(True,))
+
+
+def test_fused_search_network_layer(images):
+    # The default implementation: same trainable parameters as the
+    # reference; fewer statistics (a pooling op's batch norm keeps one set
+    # per state instead of identical copies per edge), so not pinned here.
+    weights, _, arch = search_network_counts(4, 3, 10, FAST_PRIMS)
+    check_layer(lambda: ss.SearchNetwork(
+                    alpha_seed=1, primitives=FAST_PRIMS, channels=4,
+                    num_classes=10, layers=3, cell_impl="fused"), [images],
+                expected_output_shape=(4, 10),
+                expected_trainable=weights + arch,
+                updates_moving_stats=True, graph_modes=(True,))
+
+
+def test_default_cell_impl_is_fused_and_validated():
+    assert ss.SearchNetwork(channels=4, layers=3).cell_impl == "fused"
+    with pytest.raises(ValueError, match="cell_impl"):
+        ss.SearchNetwork(channels=4, layers=3, cell_impl="fast")
 
 
 def test_search_network_pinned_parameter_counts(net):
