@@ -417,8 +417,11 @@ def test_train_sigterm_saves_exits_0_and_resumes_identically(
     assert [r["epoch"] for r in records] == [0, 1]
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("when", ["first_files", "step_7", "step_14"])
+# Killed during the first checkpoint write stays in the default suite (a
+# fast representative); later kills are slow.
+@pytest.mark.parametrize("when", [
+    "first_files", pytest.param("step_7", marks=pytest.mark.slow),
+    pytest.param("step_14", marks=pytest.mark.slow)])
 def test_train_sigkill_then_resume_is_identical(train_reference, tmp_path,
                                                 when):
     config_path, reference = train_reference
@@ -536,3 +539,47 @@ def test_search_sigkill_then_resume_is_identical(search_reference, tmp_path,
     result = _run(command)
     assert result.returncode == 0, result.stderr[-3000:]
     _assert_same_search(search_reference, _final_state(workdir))
+
+
+def test_search_stops_after_consecutive_skips_with_a_good_checkpoint(
+        tmp_path, monkeypatch):
+    from e2rnas_tf import search as search_lib
+    from e2rnas_tf import search_step as step_lib
+
+    real = search_lib.data_lib.batches
+
+    def late_nan_batches(data, batch_size, *, epoch, **kwargs):
+        ds = real(data, batch_size, epoch=epoch, **kwargs)
+        if epoch == 0:
+            return ds
+        return ds.map(lambda x, y: (x * np.float32(np.nan), y))
+
+    monkeypatch.setattr(search_lib.data_lib, "batches", late_nan_batches)
+    config = config_lib.search_config()
+    config.model.update(layers=3, channels=4, steps=2, multiplier=2,
+                        primitives=("none", "skip_connect", "sep_conv_3x3"))
+    config.data.update(image_size=8, num_train=64, num_test=16)
+    config.update(batch_size=8, eval_batch_size=16, epochs=2,
+                  steps_per_epoch=2, objectives=("acc",),
+                  max_consecutive_skips=2, deterministic=True)
+    config.resource.update(layers=5, channels=8)
+    logs = []
+    with pytest.raises(step_lib.SearchDivergedError):
+        search_lib.search(config, str(tmp_path), log=logs.append)
+    assert any("last finite state saved" in line for line in logs)
+    state, _ = _final_state_of(tmp_path, 4)
+    after_epoch, _ = _final_state_of(tmp_path, 2)
+    for name, value in state.items():
+        assert np.all(np.isfinite(value)), name
+        if name.startswith("network/"):
+            # Both epoch-2 steps were skipped: nothing changed.
+            np.testing.assert_array_equal(value, after_epoch[name],
+                                          err_msg=name)
+
+
+def _final_state_of(workdir, step):
+    reader = tf.train.load_checkpoint(
+        str(pathlib.Path(workdir) / "checkpoints" / f"ckpt-{step}"))
+    return {n: reader.get_tensor(n)
+            for n in reader.get_variable_to_shape_map()
+            if n != "_CHECKPOINTABLE_OBJECT_GRAPH"}, None
