@@ -199,7 +199,8 @@ def test_another_configuration_is_refused(tmp_path):
     wide_opt = keras.optimizers.SGD(0.1, momentum=0.9)
     wide_opt.build(wide.trainable_variables)
     with pytest.raises(checkpointing.CheckpointMismatchError,
-                       match=r"variable model/net/bn/beta has shape \[4\] there, \[6\] here"):
+                       match=r"variable model/net/bn/beta has shape "
+                             r"\[4\] there, \[6\] here"):
         _make_ckpt(tmp_path, wide, wide_opt, step,
                    fingerprint={"model": {"layers": 8},
                                 "objectives": ["acc"]}).restore()
