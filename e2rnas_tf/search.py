@@ -206,7 +206,19 @@ def search(config, workdir, *, overwrite=False, log=print):
     if config.eval_on not in EVAL_SPLITS:
         raise ValueError(f"Expected config.eval_on in {list(EVAL_SPLITS)}. "
                          f"Received: {config.eval_on!r}")
-    resume = prepare_workdir(workdir, config, overwrite)
+    # Only the chief of a multi-worker run writes the workdir; the other
+    # workers follow its decisions (resume or not) and write scratch dirs.
+    chief_dir = workdir
+    workdir = runtime.output_dir(config, chief_dir)
+    if workdir == chief_dir:
+        resume = prepare_workdir(workdir, config, overwrite)
+    else:
+        path = os.path.join(chief_dir, "config.json")
+        resume = False
+        if os.path.exists(path):
+            with open(path) as f:
+                resume = f.read() == _config_json(config)
+        prepare_workdir(workdir, config, overwrite=True)
     runtime.configure(config)
     strategy = runtime.make_strategy(config)
 
@@ -249,17 +261,22 @@ def search(config, workdir, *, overwrite=False, log=print):
     # Every supernet variable by its Keras path (tf.train.Checkpoint of
     # the network itself would skip the cells, held in a list), and the
     # step's own state (counters, both optimizers) by position and name.
-    checkpoint = checkpointing.RunCheckpoint(
-        os.path.join(workdir, "checkpoints"),
-        {"network": checkpointing.variables_by_path(net),
-         "search_step": {f"{i:04d}_{v.name}": v
-                         for i, v in enumerate(step.variables)},
-         "epoch": epoch_var},
-        fingerprint=_fingerprint(config, info), max_to_keep=3, log=log)
+    def run_checkpoint(directory):
+        return checkpointing.RunCheckpoint(
+            os.path.join(directory, "checkpoints"),
+            {"network": checkpointing.variables_by_path(net),
+             "search_step": {f"{i:04d}_{v.name}": v
+                             for i, v in enumerate(step.variables)},
+             "epoch": epoch_var},
+            fingerprint=_fingerprint(config, info), max_to_keep=3, log=log)
+
+    checkpoint = run_checkpoint(workdir)
     history_path = os.path.join(workdir, "alpha_history.npz")
     history = {"alpha_normal": [], "alpha_reduce": []}
     start_epoch, skip = 0, 0
-    resume = resume and checkpoint.restore() is not None
+    # A non-chief worker resumes from the chief's checkpoints.
+    source = checkpoint if workdir == chief_dir else run_checkpoint(chief_dir)
+    resume = resume and source.restore() is not None
     if resume:
         done = int(step.iterations.numpy())
         start_epoch, skip = divmod(done, steps_per_epoch)

@@ -432,6 +432,51 @@ def test_multi_worker_train_command_only_chief_writes(subprocess_env,
     assert (others[0] / "summary.json").exists()
 
 
+def test_multi_worker_search_command_only_chief_writes(subprocess_env,
+                                                       tmp_path):
+    """``e2rnas search`` as two workers: both derive the same genotype, the
+    chief's outputs are in --workdir, the other worker's in its scratch
+    directory."""
+    import json
+
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import multiworker_launch
+
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    workdir = tmp_path / "run"
+    flags = [
+        "--config=configs/search_demo.py",
+        "--config.strategy.name=multi_worker", "--config.model.layers=3",
+        "--config.model.channels=4", "--config.model.steps=2",
+        "--config.model.multiplier=2", "--config.data.image_size=8",
+        "--config.batch_size=8", "--config.data.num_train=64",
+        "--config.data.num_test=16", "--config.eval_batch_size=16",
+        "--config.resource.layers=5", "--config.resource.channels=8",
+        "--config.epochs=1", "--config.steps_per_epoch=2",
+        "--config.model.primitives=" + repr(PRIMITIVES)]
+    codes = multiworker_launch.launch(
+        [sys.executable, "-m", "e2rnas_tf", "search", *flags,
+         f"--workdir={workdir}"],
+        2, str(tmp_path / "logs"), env=dict(subprocess_env,
+                                            TMPDIR=str(scratch)),
+        timeout=600)
+    texts = [(tmp_path / "logs" / f"worker{i}.log").read_text()
+             for i in range(2)]
+    assert codes == [0, 0], "\n".join(t[-3000:] for t in texts)
+    genotypes = [[line for line in t.splitlines()
+                  if line.startswith("genotype: ")] for t in texts]
+    assert len(genotypes[0]) == 1 and genotypes[0] == genotypes[1]
+    for name in ("config.json", "genotype.json", "metrics.jsonl",
+                 "alpha_history.npz", "checkpoints"):
+        assert (workdir / name).exists(), name
+    with open(workdir / "genotype.json") as f:
+        assert json.load(f) == json.loads(genotypes[0][0][len("genotype: "):])
+    others = [p for p in scratch.iterdir() if p.name.startswith("e2rnas-")]
+    assert [p.name.split("-")[1] for p in others] == ["worker1"]
+    assert (others[0] / "genotype.json").exists()
+
+
 if __name__ == "__main__":
     sys.path.insert(0, ROOT)
     if sys.argv[1] == "worker":
