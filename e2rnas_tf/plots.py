@@ -578,44 +578,60 @@ def main(config, args):
         run = args.workdir
         if not os.path.isdir(run):
             raise ValueError(f"Run directory {run} does not exist")
-        out = args.output or os.path.join(run, "plots")
-        os.makedirs(out, exist_ok=True)
-        found = False
-        genotype_path = os.path.join(run, "genotype.json")
-        if os.path.exists(genotype_path) and not args.genotype:
-            written += plot_genotype(genotypes_lib.Genotype.load(
-                genotype_path), out, "genotype")
-            found = True
-        history_path = os.path.join(run, "alpha_history.npz")
-        if os.path.exists(history_path):
-            with np.load(history_path) as history:
-                primitives = ([str(p) for p in history["primitives"]]
-                              if "primitives" in history.files
-                              else _run_primitives(run))
-                for cell in ("normal", "reduce"):
-                    key = next((k for k in (f"alpha_{cell}", cell)
-                                if k in history.files), None)
-                    if key is None:
-                        continue
-                    cell_primitives = primitives or _primitives_of(
-                        history[key].shape[-1])
-                    written.append(plot_alpha_history(
-                        history[key], cell_primitives,
-                        os.path.join(out, f"alpha_{cell}.png"),
-                        title=f"{cell} cell"))
-            found = True
-        metrics_path = os.path.join(run, "metrics.jsonl")
-        if os.path.exists(metrics_path):
-            written.append(plot_metrics(
-                metrics_path, os.path.join(out, "metrics.png")))
-            found = True
-        if not found:
-            raise ValueError(
-                f"{run} has none of genotype.json, alpha_history.npz, "
-                "metrics.jsonl")
+        written += plot_run(run, args.output or os.path.join(run, "plots"),
+                            genotype=not args.genotype)
     for path in written:
         print(path)
     return 0
+
+
+def plot_run(run, out, genotype=True):
+    """Draws a search run's genotype, alpha history and metrics into ``out``.
+
+    Args:
+        run: a search work directory.
+        out: output directory (created).
+        genotype: whether to draw the run's genotype.json cells too.
+
+    Returns:
+        The paths written.
+    """
+    written = []
+    os.makedirs(out, exist_ok=True)
+    found = False
+    genotype_path = os.path.join(run, "genotype.json")
+    if os.path.exists(genotype_path) and genotype:
+        written += plot_genotype(genotypes_lib.Genotype.load(
+            genotype_path), out, "genotype")
+        found = True
+    history_path = os.path.join(run, "alpha_history.npz")
+    if os.path.exists(history_path):
+        with np.load(history_path) as history:
+            primitives = ([str(p) for p in history["primitives"]]
+                          if "primitives" in history.files
+                          else _run_primitives(run))
+            for cell in ("normal", "reduce"):
+                key = next((k for k in (f"alpha_{cell}", cell)
+                            if k in history.files), None)
+                if key is None:
+                    continue
+                cell_primitives = primitives or _primitives_of(
+                    history[key].shape[-1])
+                written.append(plot_alpha_history(
+                    history[key], cell_primitives,
+                    os.path.join(out, f"alpha_{cell}.png"),
+                    title=f"{cell} cell"))
+        found = True
+    metrics_path = os.path.join(run, "metrics.jsonl")
+    if os.path.exists(metrics_path):
+        written.append(plot_metrics(
+            metrics_path, os.path.join(out, "metrics.png")))
+        found = True
+    if not found:
+        raise ValueError(
+            f"{run} has none of genotype.json, alpha_history.npz, "
+            "metrics.jsonl")
+    return written
 
 
 def _run_primitives(run):

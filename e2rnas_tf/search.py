@@ -14,7 +14,13 @@ writes into its work directory:
 - ``checkpoints/``: verified `checkpointing.RunCheckpoint`s of every
   network variable (weights and alphas, by Keras path), both optimizers
   and the step/epoch counters;
-- ``tb/``: TensorBoard scalars.
+- ``tb/``: TensorBoard: every step's scalars (objectives, MGDA weights,
+  learning rates, alpha entropy per cell type, skip connections and
+  parameters of the current derived genotype), per epoch alpha heat maps,
+  cell diagrams and the genotype as text, the config as hparams, and a
+  profiler trace for ``config.profile_steps="START,END"``;
+- ``plots/``: cell diagrams of the final genotype, alpha evolution and the
+  objectives / MGDA weights over steps (`plots.plot_run`).
 
 A work directory that holds the same config resumes from its last
 checkpoint; one that holds a different config is refused unless
@@ -38,8 +44,10 @@ from e2rnas_tf import checkpointing
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import genotypes
 from e2rnas_tf import objectives as obj_lib
+from e2rnas_tf import plots as plots_lib
 from e2rnas_tf import runtime
 from e2rnas_tf import search_step as step_lib
+from e2rnas_tf import tensorboard as tb_lib
 from e2rnas_tf.search_space import SearchNetwork
 from e2rnas_tf.search_space import count_params
 
@@ -291,7 +299,12 @@ def search(config, workdir, *, overwrite=False, log=print):
                 f"step {done}")
     mode = "a" if resume else "w"
     metrics_file = open(os.path.join(workdir, "metrics.jsonl"), mode)
-    writer = tf.summary.create_file_writer(os.path.join(workdir, "tb"))
+    tb_dir = os.path.join(workdir, "tb")
+    writer = tf.summary.create_file_writer(tb_dir)
+    tb_lib.write_hparams(writer, config)
+    profile_steps = tb_lib.parse_profile_steps(config.profile_steps)
+    profiler = tb_lib.profile(tb_dir, *profile_steps) if profile_steps \
+        else None
 
     log(f"search: {info.name} {info.image_size}x{info.image_size}, "
         f"{len(w_split)} weight / {len(a_split)} arch examples, "
@@ -326,6 +339,8 @@ def search(config, workdir, *, overwrite=False, log=print):
             for train_batch, valid_batch in zip(w_ds, a_ds):
                 if done_in_epoch >= steps_per_epoch:
                     break
+                if profiler:
+                    profiler(int(step.iterations.numpy()))
                 t0 = time.perf_counter()
                 out = step(train_batch, valid_batch)
                 metrics = {k: float(v) for k, v in out.items()}
@@ -341,8 +356,9 @@ def search(config, workdir, *, overwrite=False, log=print):
                 record = {"kind": "step", "step": global_step,
                           "epoch": epoch + 1, **metrics}
                 metrics_file.write(json.dumps(record) + "\n")
+                arch = _architecture_scalars(net, config, params_table)
                 with writer.as_default(step=global_step):
-                    for key, value in metrics.items():
+                    for key, value in {**metrics, **arch}.items():
                         tf.summary.scalar(key, value)
                 if metrics["skipped"]:
                     culprits = [n for n in list(objectives) + ["train"]
@@ -387,6 +403,10 @@ def search(config, workdir, *, overwrite=False, log=print):
                 tf.summary.scalar("epoch/eval_loss", summary["eval_loss"])
                 tf.summary.scalar("epoch/genotype_params",
                                   summary["genotype_params"])
+            tb_lib.write_search_epoch_summaries(
+                writer, int(step.iterations.numpy()),
+                *[w.numpy() for w in net.op_weights()],
+                derive_genotype(net, config), config.model.primitives)
             writer.flush()
             log(f"epoch {epoch + 1}: supernet {config.eval_on} accuracy "
                 f"{summary['eval_acc']:.4f}, derived genotype "
@@ -397,6 +417,8 @@ def search(config, workdir, *, overwrite=False, log=print):
                 preempted = guard.requested
                 break
     finally:
+        if profiler:
+            profiler.stop()
         guard.__exit__()
         metrics_file.close()
         writer.close()
@@ -410,11 +432,28 @@ def search(config, workdir, *, overwrite=False, log=print):
     log(f"genotype: {genotype.to_json()}")
     log(f"expected parameters: {params:.3f}M (derived network, "
         f"{config.resource.layers} cells, C={config.resource.channels})")
+    plots_lib.plot_run(workdir, os.path.join(workdir, "plots"))
     log(f"results in {workdir}: genotype.json, metrics.jsonl, "
-        "alpha_history.npz, checkpoints/, tb/")
+        "alpha_history.npz, plots/, checkpoints/, tb/")
     return dict(genotype=genotype, genotype_params=params,
                 epochs=epochs_summary, steps=int(step.iterations.numpy()),
                 compile_seconds=compile_seconds, workdir=workdir)
+
+
+def _architecture_scalars(net, config, params_table):
+    """Per-step TensorBoard scalars of the current architecture."""
+    w_normal, w_reduce = net.op_weights()
+    genotype = derive_genotype(net, config)
+    return {
+        "arch/entropy_normal": float(tb_lib.alpha_entropy(w_normal)),
+        "arch/entropy_reduce": float(tb_lib.alpha_entropy(w_reduce)),
+        "arch/skip_connections_normal": float(
+            tb_lib.num_skip_connections(genotype, "normal")),
+        "arch/skip_connections_reduce": float(
+            tb_lib.num_skip_connections(genotype, "reduce")),
+        "arch/genotype_params": genotype_params(
+            genotype, params_table, config.model.primitives),
+    }
 
 
 def _end_of_epoch(epoch, net, config, params_table, evaluate, eval_split,

@@ -377,7 +377,13 @@ def test_cli_end_to_end(tmp_path):
     with np.load(os.path.join(workdir, "alpha_history.npz")) as f:
         assert f["alpha_normal"].shape == (1, 5, 4)
     assert tf.train.latest_checkpoint(os.path.join(workdir, "checkpoints"))
-    assert os.listdir(os.path.join(workdir, "tb"))
+    _check_search_tensorboard(os.path.join(workdir, "tb"), steps=2)
+    plots = sorted(os.listdir(os.path.join(workdir, "plots")))
+    for name in ("alpha_normal.png", "alpha_reduce.png", "metrics.png"):
+        assert name in plots
+    assert any(p.endswith(".svg") for p in plots)
+    assert all(os.path.getsize(os.path.join(workdir, "plots", p)) > 1000
+               for p in plots)
 
     # A different config in the same workdir is refused, and nothing is
     # touched.
@@ -387,6 +393,35 @@ def test_cli_end_to_end(tmp_path):
     assert "different config.json" in result.stderr
     assert "--overwrite" in result.stderr
     assert open(os.path.join(workdir, "config.json")).read() == before
+
+
+def _check_search_tensorboard(tb_dir, steps):
+    """The search's event file, read back with TensorBoard's own reader."""
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(
+        tb_dir, size_guidance={event_accumulator.TENSORS: 0,
+                               event_accumulator.IMAGES: 0})
+    acc.Reload()
+    tags = acc.Tags()
+    scalars = {}
+    for tag in tags["tensors"]:
+        values = [(e.step, tf.make_ndarray(e.tensor_proto))
+                  for e in acc.Tensors(tag)]
+        if values and values[0][1].ndim == 0 and values[0][1].dtype.kind == "f":
+            scalars[tag] = [(step, float(v)) for step, v in values]
+    for tag in ("objective/acc", "weight/adv", "lr", "arch/entropy_normal",
+                "arch/entropy_reduce", "arch/skip_connections_normal",
+                "arch/genotype_params"):
+        # (The epoch summaries repeat the entropy at the epoch's last step.)
+        assert sorted({step for step, _ in scalars[tag]}) == list(
+            range(1, steps + 1)), tag
+        assert all(np.isfinite(v) for _, v in scalars[tag]), tag
+    # Near-uniform alpha after 2 steps: entropy close to log(4 ops).
+    assert abs(scalars["arch/entropy_normal"][-1][1] - np.log(4)) < 0.05
+    assert scalars["arch/genotype_params"][-1][1] > 0
+    images = [t for t in tags["tensors"] if "alpha" in t or "cell" in t]
+    assert images, tags["tensors"]
 
 
 # The search step under a 2-replica MirroredStrategy (alpha bit-identical
