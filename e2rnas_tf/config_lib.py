@@ -156,5 +156,7 @@ def train_config():
         attacks=("fgsm", "pgd", "mim"), epsilons=(1.0, 2.0, 8.0),
         pgd_steps=10, step_size=0.0, restarts=1, random_start=True,
         num_examples=0, batch_size=256))
+    # Non-finite steps are skipped; this many in a row stop the run.
+    c.max_consecutive_skips = 10
     runtime_config(c)
     return c

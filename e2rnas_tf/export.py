@@ -100,8 +100,20 @@ def _image_shape(model, image_size):
     return tuple(shape[1:3])
 
 
-def _signature_fns(model):
+def _signature_fns(model, height, width):
     import tensorflow as tf
+
+    def checked(images):
+        # A serving request of the wrong shape must fail with a message a
+        # client can act on: without these checks a wrong size fails deep
+        # inside a convolution, an empty batch inside batch norm, and a
+        # rank-3 tensor aborts the whole TensorFlow process.
+        images = tf.ensure_shape(images, [None, height, width, 3])
+        nonempty = tf.debugging.assert_positive(
+            tf.shape(images)[0],
+            message="Expected at least one image. Received: an empty batch")
+        with tf.control_dependencies([nonempty]):
+            return tf.identity(images)
 
     def outputs(logits):
         logits = tf.cast(logits, tf.float32)
@@ -113,11 +125,11 @@ def _signature_fns(model):
 
     def serve_uint8(images):
         # Same scaling as the training pipeline: pixels / 255 in float32.
-        x = tf.cast(images, tf.float32) / 255.0
+        x = tf.cast(checked(images), tf.float32) / 255.0
         return outputs(model(x, training=False))
 
     def serve_float(images):
-        return outputs(model(images, training=False))
+        return outputs(model(checked(images), training=False))
 
     return serve_uint8, serve_float
 
@@ -128,7 +140,7 @@ def _write_savedmodel(model, path, height, width):
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    serve_uint8, serve_float = _signature_fns(model)
+    serve_uint8, serve_float = _signature_fns(model, height, width)
     archive.add_endpoint(
         "serving_default", serve_uint8,
         input_signature=[tf.TensorSpec([None, height, width, 3], tf.uint8,

@@ -512,7 +512,7 @@ def train(config, workdir, *, overwrite=False):
     step = start_step
     last = {}
     skips, preempted = 0, None
-    max_skips = int(config.get("max_consecutive_skips", 10))
+    max_skips = int(config.max_consecutive_skips)
 
     # SIGTERM (preemption) ends the run after the current step, saved.
     guard = checkpointing.PreemptionGuard().__enter__()
