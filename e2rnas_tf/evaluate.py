@@ -703,6 +703,30 @@ def _count_flops(model, image_shape):
     return int(macs), None
 
 
+def write_summaries(logdir, report):
+    """The report's accuracies as TensorBoard scalars.
+
+    ``eval/clean_accuracy`` and ``eval/<attack>_accuracy`` with the
+    epsilon (/255) as the step, so each attack is a curve of accuracy
+    against budget in TensorBoard.
+
+    Args:
+        logdir: event file directory (a run's ``tb/evaluation``).
+        report: an `evaluate_model` report.
+    """
+    import tensorflow as tf
+
+    writer = tf.summary.create_file_writer(logdir)
+    with writer.as_default():
+        tf.summary.scalar("eval/clean_accuracy", report["clean_accuracy"],
+                          step=0)
+        for name, per_eps in report["robust_accuracy"].items():
+            for eps, accuracy in per_eps.items():
+                tf.summary.scalar(f"eval/{name}_accuracy", accuracy,
+                                  step=int(round(float(eps))))
+    writer.close()
+
+
 def main(config, args):
     """``e2rnas evaluate --checkpoint=<train workdir or .keras> [--workdir]``.
 
@@ -784,6 +808,7 @@ def main(config, args):
     _write_atomic(os.path.join(out_dir, "evaluation.json"),
                   json.dumps(report, indent=2, sort_keys=False) + "\n")
     _write_atomic(os.path.join(out_dir, "evaluation.md"), table)
+    write_summaries(os.path.join(out_dir, "tb", "evaluation"), report)
     print(table, end="")
     print(f"wrote {os.path.join(out_dir, 'evaluation.json')} and "
           "evaluation.md")

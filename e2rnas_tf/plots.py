@@ -586,10 +586,12 @@ def main(config, args):
 
 
 def plot_run(run, out, genotype=True):
-    """Draws a search run's genotype, alpha history and metrics into ``out``.
+    """Draws a search run's genotype, alpha history and metrics into ``out``,
+    and the params / clean / robust trade-off of the evaluated runs found in
+    its subdirectories (``e2rnas plot --workdir=runs``).
 
     Args:
-        run: a search work directory.
+        run: a search work directory, or a directory of runs.
         out: output directory (created).
         genotype: whether to draw the run's genotype.json cells too.
 
@@ -627,10 +629,18 @@ def plot_run(run, out, genotype=True):
         written.append(plot_metrics(
             metrics_path, os.path.join(out, "metrics.png")))
         found = True
+    evaluated = sorted(
+        os.path.join(run, d) for d in os.listdir(run)
+        if os.path.exists(os.path.join(run, d, "evaluation.json")))
+    if evaluated:
+        # A directory of runs: their trade-off.
+        written.append(plot_tradeoff(evaluated,
+                                     os.path.join(out, "tradeoff.png")))
+        found = True
     if not found:
         raise ValueError(
             f"{run} has none of genotype.json, alpha_history.npz, "
-            "metrics.jsonl")
+            "metrics.jsonl, nor runs with an evaluation.json")
     return written
 
 

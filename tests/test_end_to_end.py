@@ -60,6 +60,8 @@ def test_search_train_evaluate_export_plot(tmp_path, subprocess_env):
     clean = report["clean_accuracy"]
     assert 0.0 <= clean <= 1.0
     assert "fgsm" in text and "pgd" in text
+    _check_evaluation_events(os.path.join(train_dir, "tb", "evaluation"),
+                             report)
 
     serving = str(tmp_path / "serving")
     e2rnas(subprocess_env, "export", "--config=configs/train_demo.py",
@@ -86,6 +88,30 @@ def test_search_train_evaluate_export_plot(tmp_path, subprocess_env):
            f"--output={figures}")
     assert any(name.endswith(".png") for name in os.listdir(figures))
     assert any(name.endswith(".svg") for name in os.listdir(figures))
+
+    # A directory of runs: the trade-off of the evaluated ones.
+    e2rnas(subprocess_env, "plot", f"--workdir={tmp_path}",
+           f"--output={figures}")
+    assert os.path.getsize(os.path.join(figures, "tradeoff.png")) > 1000
+
+
+def _check_evaluation_events(logdir, report):
+    """evaluate's TensorBoard scalars, read back with TensorBoard's reader."""
+    import tensorflow as tf
+    from tensorboard.backend.event_processing import event_accumulator
+
+    acc = event_accumulator.EventAccumulator(
+        logdir, size_guidance={event_accumulator.TENSORS: 0})
+    acc.Reload()
+    values = {tag: {e.step: float(tf.make_ndarray(e.tensor_proto))
+                    for e in acc.Tensors(tag)}
+              for tag in acc.Tags()["tensors"]}
+    assert values["eval/clean_accuracy"] == {
+        0: pytest.approx(report["clean_accuracy"])}
+    for attack, per_eps in report["robust_accuracy"].items():
+        assert values[f"eval/{attack}_accuracy"] == {
+            int(round(float(eps))): pytest.approx(accuracy)
+            for eps, accuracy in per_eps.items()}
 
 
 if __name__ == "__main__":
