@@ -261,15 +261,8 @@ class FusedSearchCell(keras.layers.Layer):
         # Sublayers follow this cell's dtype policy (under a global policy
         # they would anyway).
         policy = self.dtype_policy
-        if self.reduction_prev:
-            self.preprocess0 = ops_lib.FactorizedReduce(
-                channels, affine=False, name="preprocess0", dtype=policy)
-        else:
-            self.preprocess0 = ops_lib.ReLUConvBN(
-                channels, 1, 1, affine=False, name="preprocess0",
-                dtype=policy)
-        self.preprocess1 = ops_lib.ReLUConvBN(
-            channels, 1, 1, affine=False, name="preprocess1", dtype=policy)
+        self.preprocess0, self.preprocess1 = ops_lib.cell_preprocess(
+            channels, self.reduction_prev, affine=False, dtype=policy)
         self._plan = state_plan(self.steps, self.reduction)
 
     # -- parameters ---------------------------------------------------------

@@ -116,14 +116,8 @@ class DerivedCell(keras.layers.Layer):
             edges, concat = self.genotype.normal, self.genotype.normal_concat
         self.inputs_of_edges = [j for _, j in edges]
         self.concat = tuple(concat)
-        if self.reduction_prev:
-            self.preprocess0 = ops_lib.FactorizedReduce(
-                channels, affine=True, name="preprocess0")
-        else:
-            self.preprocess0 = ops_lib.ReLUConvBN(
-                channels, 1, 1, affine=True, name="preprocess0")
-        self.preprocess1 = ops_lib.ReLUConvBN(
-            channels, 1, 1, affine=True, name="preprocess1")
+        self.preprocess0, self.preprocess1 = ops_lib.cell_preprocess(
+            channels, self.reduction_prev, affine=True)
         self.edge_ops = []
         for k, (name, j) in enumerate(edges):
             stride = 2 if self.reduction and j < 2 else 1

@@ -536,6 +536,31 @@ def make_op(name, channels, stride, affine=True, layer_name=None):
     return OPS[name](channels, stride, affine, layer_name or name)
 
 
+def cell_preprocess(channels, reduction_prev, affine, **kwargs):
+    """The two input layers of a DARTS cell: ``(preprocess0, preprocess1)``.
+
+    ``s0`` is brought to ``channels`` by a FactorizedReduce when the
+    previous cell halved the resolution (``s0`` is then twice as large as
+    ``s1``), else by a ReLU-1x1 conv-BN; ``s1`` always by a ReLU-1x1
+    conv-BN.
+
+    Args:
+        channels: channels of the cell's nodes.
+        reduction_prev: whether the previous cell was a reduction cell.
+        affine: batch norms with scale and offset (False in the supernet).
+        **kwargs: passed to both layers (e.g. ``dtype``).
+    """
+    if reduction_prev:
+        pre0 = FactorizedReduce(channels, affine=affine, name="preprocess0",
+                                **kwargs)
+    else:
+        pre0 = ReLUConvBN(channels, 1, 1, affine=affine, name="preprocess0",
+                          **kwargs)
+    pre1 = ReLUConvBN(channels, 1, 1, affine=affine, name="preprocess1",
+                      **kwargs)
+    return pre0, pre1
+
+
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class Normalize(keras.layers.Layer):
     """Per-channel ``(x - mean) / std`` at the model's input.

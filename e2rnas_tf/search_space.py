@@ -163,14 +163,8 @@ class SearchCell(keras.layers.Layer):
         self.steps = int(steps)
         self.multiplier = int(multiplier)
         self.primitives = _check_primitives(primitives)
-        if self.reduction_prev:
-            self.preprocess0 = ops_lib.FactorizedReduce(
-                channels, affine=False, name="preprocess0")
-        else:
-            self.preprocess0 = ops_lib.ReLUConvBN(
-                channels, 1, 1, affine=False, name="preprocess0")
-        self.preprocess1 = ops_lib.ReLUConvBN(
-            channels, 1, 1, affine=False, name="preprocess1")
+        self.preprocess0, self.preprocess1 = ops_lib.cell_preprocess(
+            channels, self.reduction_prev, affine=False)
         self.edges = []
         for e, (node, j) in enumerate(edge_inputs(self.steps)):
             stride = 2 if self.reduction and j < 2 else 1
