@@ -47,7 +47,7 @@ def _check_rate(rate, name="drop_path"):
     return float(rate)
 
 
-def drop_path(x, rate):
+def drop_path(x, rate, seed=None):
     """Zeroes whole examples of ``x`` with probability ``rate``.
 
     Kept examples are divided by the keep probability so that the expected
@@ -74,8 +74,14 @@ def drop_path(x, rate):
     """
     keep = 1.0 - tf.cast(rate, tf.float32)
     shape = [tf.shape(x)[0]] + [1] * (x.shape.rank - 1)
-    # floor(keep + U[0, 1)) is 1 with probability keep, else 0.
-    mask = tf.floor(keep + tf.random.uniform(shape, dtype=tf.float32))
+    # floor(keep + U[0, 1)) is 1 with probability keep, else 0. A seed
+    # makes the mask a function of the seed alone (training passes one
+    # derived from the step), so a resumed run draws the same masks.
+    if seed is None:
+        noise = tf.random.uniform(shape, dtype=tf.float32)
+    else:
+        noise = tf.random.stateless_uniform(shape, seed, dtype=tf.float32)
+    mask = tf.floor(keep + noise)
     return x * tf.cast(mask / keep, x.dtype)
 
 
@@ -132,7 +138,7 @@ class DerivedCell(keras.layers.Layer):
         for op in self.edge_ops:
             op.build(state)
 
-    def call(self, s0, s1, drop_rate=0.0, training=False):
+    def call(self, s0, s1, drop_rate=0.0, training=False, seed=None):
         states = [self.preprocess0(s0, training=training),
                   self.preprocess1(s1, training=training)]
         for i in range(len(self.edge_ops) // 2):
@@ -147,7 +153,9 @@ class DerivedCell(keras.layers.Layer):
                 # DARTS drops every edge but the parameter-free identity
                 # (a strided skip, FactorizedReduce, is dropped too).
                 if training and not isinstance(op, ops_lib.Identity):
-                    h = drop_path(h, drop_rate)
+                    edge_seed = None if seed is None else \
+                        tf.random.experimental.stateless_fold_in(seed, k)
+                    h = drop_path(h, drop_rate, edge_seed)
                 node = h if node is None else node + h
             states.append(node)
         return tf.concat([states[s] for s in self.concat], axis=-1)
@@ -333,13 +341,15 @@ class DerivedNetwork(keras.Model):
         self.classifier.build((input_shape[0], s1[-1]))
         self.built = True
 
-    def _forward(self, inputs, training, with_aux):
+    def _forward(self, inputs, training, with_aux, drop_seed=None):
         x = self.normalize(inputs)
         s0 = s1 = self.stem_bn(self.stem_conv(x), training=training)
         rate = self.drop_path_rate.value
         aux_logits = None
         for i, cell in enumerate(self.cells):
-            s0, s1 = s1, cell(s0, s1, rate, training=training)
+            cell_seed = None if drop_seed is None else \
+                tf.random.experimental.stateless_fold_in(drop_seed, i)
+            s0, s1 = s1, cell(s0, s1, rate, training=training, seed=cell_seed)
             if (with_aux and training and i == self.aux_index
                     and self.auxiliary_head is not None):
                 aux_logits = tf.cast(
@@ -350,12 +360,15 @@ class DerivedNetwork(keras.Model):
     def call(self, inputs, training=False):
         return self._forward(inputs, training, with_aux=False)[0]
 
-    def call_with_aux(self, inputs, training=True):
+    def call_with_aux(self, inputs, training=True, drop_seed=None):
         """Logits and auxiliary logits, for the training loss.
 
         Args:
             inputs: ``[N, H, W, 3]`` images in [0, 1].
             training: batch statistics and drop-path if true.
+            drop_seed: ``[2]`` int seed of the drop-path masks (stateless,
+                so a resumed run draws the same masks); None draws them
+                from TF's global generator.
 
         Returns:
             ``(logits, aux_logits)``, float32 ``[N, num_classes]`` each;
@@ -364,7 +377,8 @@ class DerivedNetwork(keras.Model):
         """
         if not self.built:
             self.build(tuple(inputs.shape))
-        return self._forward(inputs, training, with_aux=True)
+        return self._forward(inputs, training, with_aux=True,
+                             drop_seed=drop_seed)
 
     def set_drop_path_rate(self, rate):
         """Assigns the drop-path rate read by every later call."""

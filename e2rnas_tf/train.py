@@ -271,7 +271,13 @@ def make_train_step(model, optimizer, strategy, config):
                 labels[:num_adv], adv.attack, attack_seed)
             images = tf.concat([adv_images, images[num_adv:]], axis=0)
         with tf.GradientTape() as tape:
-            logits, aux_logits = model.call_with_aux(images, training=True)
+            # Drop-path masks from (seed, step, replica): resumable.
+            drop_seed = tf.stack([tf.constant(seed + 1, tf.int64),
+                                  step * replicas + tf.cast(
+                                      ctx.replica_id_in_sync_group,
+                                      tf.int64)])
+            logits, aux_logits = model.call_with_aux(
+                images, training=True, drop_seed=drop_seed)
             ce = objectives.cross_entropy(logits, labels)
             aux_ce = (objectives.cross_entropy(aux_logits, labels)
                       if aux_logits is not None else tf.constant(0.0))
