@@ -297,8 +297,13 @@ def search(config, workdir, *, overwrite=False, log=print):
         else:
             log(f"resuming {workdir} at epoch {start_epoch + 1}, "
                 f"step {done}")
-    mode = "a" if resume else "w"
-    metrics_file = open(os.path.join(workdir, "metrics.jsonl"), mode)
+    metrics_path = os.path.join(workdir, "metrics.jsonl")
+    if resume:
+        # Lines written after the restored checkpoint (a run killed between
+        # checkpoints) are dropped: the resumed run writes them again.
+        _truncate_metrics(metrics_path, int(step.iterations.numpy()),
+                          start_epoch)
+    metrics_file = open(metrics_path, "a" if resume else "w")
     tb_dir = os.path.join(workdir, "tb")
     writer = tf.summary.create_file_writer(tb_dir)
     tb_lib.write_hparams(writer, config)
@@ -438,6 +443,29 @@ def search(config, workdir, *, overwrite=False, log=print):
     return dict(genotype=genotype, genotype_params=params,
                 epochs=epochs_summary, steps=int(step.iterations.numpy()),
                 compile_seconds=compile_seconds, workdir=workdir)
+
+
+def _truncate_metrics(path, last_step, last_epoch):
+    """Keeps the metric lines up to a checkpoint, rewritten atomically."""
+    if not os.path.exists(path):
+        return
+    kept = []
+    with open(path) as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line cut short by a kill
+            if record.get("kind") == "step" and record["step"] <= last_step:
+                kept.append(line)
+            elif record.get("kind") == "epoch" \
+                    and record["epoch"] <= last_epoch:
+                kept.append(line)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(line if line.endswith("\n") else line + "\n"
+                     for line in kept)
+    os.replace(tmp, path)
 
 
 def _architecture_scalars(net, config, params_table):

@@ -427,3 +427,21 @@ def _check_search_tensorboard(tb_dir, steps):
 # The search step under a 2-replica MirroredStrategy (alpha bit-identical
 # on both replicas, equal to the single-device step) and under two
 # MultiWorkerMirroredStrategy workers: tests/test_distributed.py.
+
+
+def test_resume_drops_metric_lines_after_the_checkpoint(tmp_path):
+    # A run killed between checkpoints wrote lines the resumed run repeats.
+    from e2rnas_tf import search
+
+    path = tmp_path / "metrics.jsonl"
+    lines = [{"kind": "step", "step": s, "epoch": 1 + (s - 1) // 3}
+             for s in range(1, 8)]
+    lines.insert(3, {"kind": "epoch", "epoch": 1})
+    lines.insert(7, {"kind": "epoch", "epoch": 2})
+    path.write_text("".join(json.dumps(r) + "\n" for r in lines)
+                    + '{"kind": "step", "st')  # cut short by the kill
+    search._truncate_metrics(str(path), last_step=4, last_epoch=1)
+    kept = [json.loads(line) for line in path.read_text().splitlines()]
+    assert kept == [r for r in lines if (r["kind"] == "step" and r["step"] <= 4)
+                    or (r["kind"] == "epoch" and r["epoch"] <= 1)]
+    assert [r.get("step") for r in kept] == [1, 2, 3, None, 4]
