@@ -12,6 +12,8 @@ import tempfile
 
 import keras
 import tensorflow as tf
+# TF has no public switch back from op determinism.
+from tensorflow.python.framework import config as _tf_config
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 STRATEGIES = ("default", "mirrored", "multi_worker")
@@ -78,8 +80,18 @@ def configure(config):
     tf.config.optimizer.set_experimental_options(
         {"disable_meta_optimizer": not config.graph_optimization})
     keras.utils.set_random_seed(int(config.seed))
+    if config.deterministic and config.jit_compile:
+        raise ValueError(
+            "Expected at most one of config.deterministic and "
+            "config.jit_compile: XLA has no deterministic max-pool gradient. "
+            "Received: both True")
+    # Op determinism is process-wide: set it to exactly what this config
+    # asks, so a run in the same process as an earlier deterministic one
+    # (tests, notebooks) is not silently deterministic (and XLA-less).
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
+    elif _tf_config.is_op_determinism_enabled():
+        _tf_config.disable_op_determinism()
 
 
 def mirrored_devices(config):
