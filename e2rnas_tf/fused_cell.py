@@ -101,20 +101,6 @@ def state_plan(steps, reduction):
     return plan
 
 
-def _check_primitives(primitives):
-    """`search_space`'s validation: known, distinct, at least one."""
-    primitives = tuple(primitives)
-    if not primitives:
-        raise ValueError(
-            "Expected at least one primitive. Received: primitives=()")
-    for name in primitives:
-        ops_lib.check_primitive(name)
-    if len(set(primitives)) != len(primitives):
-        raise ValueError(
-            f"Expected distinct primitives. Received: primitives={primitives}")
-    return primitives
-
-
 def _he_normal(fan_in):
     # keras.initializers.HeNormal on the reference's per-edge kernel shape;
     # the fused shapes would give Keras a different fan-in.
@@ -235,24 +221,16 @@ class FusedSearchCell(keras.layers.Layer):
                  steps=4, multiplier=4, primitives=ops_lib.PRIMITIVES,
                  edge_layout="batched", **kwargs):
         super().__init__(**kwargs)
-        ops_lib._check_positive_int("channels", channels)
-        ops_lib._check_positive_int("steps", steps)
-        ops_lib._check_positive_int("multiplier", multiplier)
+        self.channels, self.steps, self.multiplier = ops_lib.check_cell_args(
+            channels, steps, multiplier)
         if edge_layout not in ("split", "batched"):
             raise ValueError(
                 "Expected `edge_layout` 'batched' or 'split'. "
                 f"Received: edge_layout={edge_layout!r}")
         self.edge_layout = edge_layout
-        if multiplier > steps:
-            raise ValueError(
-                "Expected `multiplier` <= `steps`. "
-                f"Received: multiplier={multiplier}, steps={steps}")
-        self.channels = int(channels)
         self.reduction = bool(reduction)
         self.reduction_prev = bool(reduction_prev)
-        self.steps = int(steps)
-        self.multiplier = int(multiplier)
-        self.primitives = _check_primitives(primitives)
+        self.primitives = ops_lib.check_primitives(primitives)
         if self.reduction and "skip_connect" in self.primitives \
                 and self.channels % 2:
             raise ValueError(

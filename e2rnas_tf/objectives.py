@@ -430,7 +430,7 @@ def resource_table(kind, *, channels, layers, num_classes, image_size,
             f"Expected `kind` in {list(RESOURCE_KINDS)}. Received: kind={kind!r}")
     _validate_scale(channels, layers, num_classes, image_size, steps,
                     multiplier, stem_multiplier)
-    primitives = search_space._check_primitives(primitives)
+    primitives = ops_lib.check_primitives(primitives)
     cache = {}
 
     def measure(key, make, input_shape):

@@ -516,6 +516,40 @@ def check_primitive(name):
             f"Expected an op name in {list(OPS)}. Received: op={name!r}")
 
 
+def check_primitives(primitives):
+    """Validates a candidate-op list (known, distinct, at least one).
+
+    Returns:
+        The names as a tuple.
+    """
+    primitives = tuple(primitives)
+    if not primitives:
+        raise ValueError(
+            "Expected at least one primitive. Received: primitives=()")
+    for name in primitives:
+        check_primitive(name)
+    if len(set(primitives)) != len(primitives):
+        raise ValueError(
+            f"Expected distinct primitives. Received: primitives={primitives}")
+    return primitives
+
+
+def check_cell_args(channels, steps, multiplier):
+    """Validates the shape arguments shared by every cell kind.
+
+    Returns:
+        ``(channels, steps, multiplier)`` as Python ints.
+    """
+    _check_positive_int("channels", channels)
+    _check_positive_int("steps", steps)
+    _check_positive_int("multiplier", multiplier)
+    if multiplier > steps:
+        raise ValueError(
+            "Expected `multiplier` <= `steps`. "
+            f"Received: multiplier={multiplier}, steps={steps}")
+    return int(channels), int(steps), int(multiplier)
+
+
 def make_op(name, channels, stride, affine=True, layer_name=None):
     """Builds the candidate op ``name`` as a Keras layer.
 

@@ -28,18 +28,6 @@ def edge_inputs(steps):
     return [(i, j) for i in range(steps) for j in range(2 + i)]
 
 
-def _check_primitives(primitives):
-    primitives = tuple(primitives)
-    if not primitives:
-        raise ValueError("Expected at least one primitive. Received: primitives=()")
-    for name in primitives:
-        ops_lib.check_primitive(name)
-    if len(set(primitives)) != len(primitives):
-        raise ValueError(
-            f"Expected distinct primitives. Received: primitives={primitives}")
-    return primitives
-
-
 @keras.saving.register_keras_serializable(package=_PACKAGE)
 class MixedOp(keras.layers.Layer):
     """One edge of the supernet: a weighted sum of every candidate op.
@@ -66,7 +54,7 @@ class MixedOp(keras.layers.Layer):
         ops_lib._check_positive_int("channels", channels)
         self.channels = int(channels)
         self.stride = ops_lib._check_stride(stride)
-        self.primitives = _check_primitives(primitives)
+        self.primitives = ops_lib.check_primitives(primitives)
         self.candidates = []
         self.pool_bns = {}
         for name in self.primitives:
@@ -150,19 +138,11 @@ class SearchCell(keras.layers.Layer):
                  steps=4, multiplier=4, primitives=ops_lib.PRIMITIVES,
                  **kwargs):
         super().__init__(**kwargs)
-        ops_lib._check_positive_int("channels", channels)
-        ops_lib._check_positive_int("steps", steps)
-        ops_lib._check_positive_int("multiplier", multiplier)
-        if multiplier > steps:
-            raise ValueError(
-                "Expected `multiplier` <= `steps`. "
-                f"Received: multiplier={multiplier}, steps={steps}")
-        self.channels = int(channels)
+        self.channels, self.steps, self.multiplier = ops_lib.check_cell_args(
+            channels, steps, multiplier)
         self.reduction = bool(reduction)
         self.reduction_prev = bool(reduction_prev)
-        self.steps = int(steps)
-        self.multiplier = int(multiplier)
-        self.primitives = _check_primitives(primitives)
+        self.primitives = ops_lib.check_primitives(primitives)
         self.preprocess0, self.preprocess1 = ops_lib.cell_preprocess(
             channels, self.reduction_prev, affine=False)
         self.edges = []
@@ -288,7 +268,7 @@ class SearchNetwork(keras.Model):
         self.steps = int(steps)
         self.multiplier = int(multiplier)
         self.stem_multiplier = int(stem_multiplier)
-        self.primitives = _check_primitives(primitives)
+        self.primitives = ops_lib.check_primitives(primitives)
         self.alpha_seed = None if alpha_seed is None else int(alpha_seed)
         self.normalize = ops_lib.Normalize(mean, std, name="normalize")
         c_curr = self.stem_multiplier * self.channels
