@@ -138,6 +138,30 @@ def test_drop_path_only_in_training(images):
     assert not np.allclose(net(images, training=True).numpy(), clean_training)
 
 
+def test_seeded_drop_path_masks_depend_only_on_the_seed(images):
+    # Training passes a seed from (seed, step, replica) so that a resumed
+    # run draws the masks an uninterrupted one would have drawn.
+    net = _small("DARTS_V2", drop_path=0.5)
+    seed = tf.constant([1, 7], tf.int64)
+    first = net.call_with_aux(images, training=True, drop_seed=seed)[0]
+    tf.random.uniform([3])  # moves the global generator; must not matter
+    again = net.call_with_aux(images, training=True, drop_seed=seed)[0]
+    np.testing.assert_array_equal(again.numpy(), first.numpy())
+    other = net.call_with_aux(images, training=True,
+                              drop_seed=tf.constant([1, 8], tf.int64))[0]
+    assert not np.allclose(other.numpy(), first.numpy())
+    # Per edge the masks differ (the seed is folded with the edge index):
+    # with rate 0.5 on every edge, identical masks would keep or drop
+    # whole cells at once.
+    edge_0 = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(seed, 0), 0)
+    edge_1 = tf.random.experimental.stateless_fold_in(
+        tf.random.experimental.stateless_fold_in(seed, 0), 1)
+    x = tf.ones([64, 1, 1, 1])
+    assert not np.array_equal(model_lib.drop_path(x, 0.5, edge_0).numpy(),
+                              model_lib.drop_path(x, 0.5, edge_1).numpy())
+
+
 def test_drop_path_rate_is_read_at_call_time(images):
     net = _small("DARTS_V2", drop_path=0.0)
     forward = tf.function(lambda x: net(x, training=True), autograph=False)
