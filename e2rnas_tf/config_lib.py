@@ -97,7 +97,13 @@ def search_config():
     c.arch = ml_collections.ConfigDict(dict(
         lr=3e-4, beta1=0.5, beta2=0.999, weight_decay=1e-3,
         order="first",           # first | second (unrolled)
-        unrolled_eps=0.01))      # finite-difference radius, second order
+        unrolled_eps=0.01,       # finite-difference radius, second order
+        # Epochs at the start during which only w is trained (alpha and
+        # its optimizer state stay as they are). 0 = the paper (and DARTS):
+        # alpha moves from the first step. Short searches use a warm-up so
+        # that alpha is not steered by untrained weights, which favour
+        # parameter-free ops (PC-DARTS, Xu et al. 2020, warm up 15 of 50).
+        warmup_epochs=0))
     # Any of acc, adv, params, flops. Tuples (here and below) so that the
     # command line can override them: --config.objectives="('acc','params')".
     c.objectives = ("acc", "adv", "params")

@@ -294,6 +294,13 @@ class SearchStep(tf.Module):
                 f"Received: {config.arch.order!r}")
         self.strategy = strategy or tf.distribute.get_strategy()
         self.steps_per_epoch = max(int(steps_per_epoch), 1)
+        warmup = config.arch.get("warmup_epochs", 0)
+        if not isinstance(warmup, int) or warmup < 0:
+            raise ValueError(
+                "Expected config.arch.warmup_epochs to be an integer >= 0. "
+                f"Received: {warmup!r}")
+        self.warmup_steps = tf.constant(warmup * self.steps_per_epoch,
+                                        tf.int64)
         self.float16 = config.mixed_precision == "mixed_float16"
         # With one objective there is nothing to balance: its gradient is
         # used as is, so `objectives=[acc]` is exactly DARTS.
@@ -550,6 +557,18 @@ class SearchStep(tf.Module):
         new_alpha, new_m, new_v, new_t = adam.updates(
             alpha_saved, arch["direction"], arch_lr)
         ok_arch = arch["ok"] & _all_finite(new_alpha)
+        # During the warm-up alpha and Adam's state are kept (the direction
+        # is still computed, so its objectives are logged and checked).
+        arch_on = step >= self.warmup_steps
+        keep = tf.logical_not(arch_on)
+        new_alpha = [tf.where(keep, s, a)
+                     for a, s in zip(new_alpha, alpha_saved)]
+        new_m = [tf.where(keep, m.read_value(), n)
+                 for n, m in zip(new_m, adam.m)]
+        new_v = [tf.where(keep, v.read_value(), n)
+                 for n, v in zip(new_v, adam.v)]
+        new_t = tf.where(keep, adam.iterations.value(), new_t)
+        arch_lr = tf.where(arch_on, arch_lr, 0.0)
         # DARTS updates alpha first and trains w at the new alpha.
         _assign(alpha_vars, [tf.where(ok_arch, a, s)
                              for a, s in zip(new_alpha, alpha_saved)])
