@@ -727,18 +727,26 @@ def write_summaries(logdir, report):
     writer.close()
 
 
-def main(config, args):
-    """``e2rnas evaluate --checkpoint=<train workdir or .keras> [--workdir]``.
+def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
+             log=print):
+    """Evaluates a trained model and writes ``evaluation.json``/``.md``.
 
-    Loads the model, evaluates it on the test split of ``config.data`` with
-    the settings of ``config.evaluate`` and writes ``evaluation.json`` and
-    ``evaluation.md`` to ``--workdir`` (default: the checkpoint's
-    directory), printing the table.
+    Args:
+        config: a train config; ``config.data`` selects the test split and
+            ``config.evaluate`` the attacks.
+        checkpoint: a ``.keras`` file or a training workdir (see
+            `export.resolve_checkpoint`).
+        out_dir: where the report goes (default: the checkpoint's directory).
+        overwrite: replace an existing report (see the check below).
+        log: a print-like callable for the progress lines and the table.
+
+    Returns:
+        The report dict (as written to ``evaluation.json``).
 
     Example:
 
-        e2rnas evaluate --config=configs/train_cifar10.py \\
-            --checkpoint=runs/train --config.evaluate.num_examples=1000
+    >>> report = evaluate(config, "runs/train")  # doctest: +SKIP
+    >>> report["robust_accuracy"]["pgd"]["8"]  # doctest: +SKIP
     """
     from e2rnas_tf import data as data_lib
     from e2rnas_tf import export as export_lib
@@ -752,9 +760,9 @@ def main(config, args):
     # Evaluation computes in float32 whatever the training precision was
     # (see float32_model); layers created during loading follow this.
     keras.mixed_precision.set_global_policy("float32")
-    path = export_lib.resolve_checkpoint(args.checkpoint)
+    path = export_lib.resolve_checkpoint(checkpoint)
     run_dir = os.path.dirname(os.path.abspath(path))
-    out_dir = os.path.abspath(args.workdir) if args.workdir else run_dir
+    out_dir = os.path.abspath(out_dir) if out_dir else run_dir
     model = export_lib.load_checkpoint(path)
 
     _, test, info = data_lib.load(config.data)
@@ -764,7 +772,7 @@ def main(config, args):
     image_shape = (info.image_size, info.image_size, 3)
     model(tf.zeros((1,) + image_shape), training=False)  # builds if needed
 
-    print(f"evaluating {path} on {len(test)} {info.name} test images")
+    log(f"evaluating {path} on {len(test)} {info.name} test images")
     report = evaluate_model(
         model, dataset, attacks=tuple(ev.attacks),
         epsilons=tuple(ev.epsilons), pgd_steps=int(ev.pgd_steps),
@@ -797,7 +805,7 @@ def main(config, args):
     if mismatch:
         header["warning"] = ("the model was trained with data "
                              + ", ".join(mismatch))
-        print(f"WARNING: {header['warning']}")
+        log(f"WARNING: {header['warning']}")
     header["evaluate_config"] = ev.to_dict()
     header["created"] = datetime.datetime.now(
         datetime.timezone.utc).isoformat(timespec="seconds")
@@ -809,7 +817,24 @@ def main(config, args):
                   json.dumps(report, indent=2, sort_keys=False) + "\n")
     _write_atomic(os.path.join(out_dir, "evaluation.md"), table)
     write_summaries(os.path.join(out_dir, "tb", "evaluation"), report)
-    print(table, end="")
-    print(f"wrote {os.path.join(out_dir, 'evaluation.json')} and "
-          "evaluation.md")
+    log(table.rstrip("\n"))
+    log(f"wrote {os.path.join(out_dir, 'evaluation.json')} and "
+        "evaluation.md")
+    return report
+
+
+def main(config, args):
+    """``e2rnas evaluate --checkpoint=<train workdir or .keras> [--workdir]``.
+
+    Loads the model, evaluates it on the test split of ``config.data`` with
+    the settings of ``config.evaluate`` and writes ``evaluation.json`` and
+    ``evaluation.md`` to ``--workdir`` (default: the checkpoint's
+    directory), printing the table.
+
+    Example:
+
+        e2rnas evaluate --config=configs/train_cifar10.py \\
+            --checkpoint=runs/train --config.evaluate.num_examples=1000
+    """
+    evaluate(config, args.checkpoint, args.workdir, overwrite=args.overwrite)
     return 0
