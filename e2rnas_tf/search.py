@@ -62,35 +62,62 @@ def _config_json(config):
     return config.to_json_best_effort(sort_keys=True, indent=2) + "\n"
 
 
-def prepare_workdir(workdir, config, overwrite=False):
-    """Creates ``workdir`` or checks that it belongs to this run.
+def check_workdir(workdir, config, overwrite=False):
+    """Decides what ``workdir`` is for this run, writing nothing.
+
+    Called before the slow set-up (data, network, tracing), so a workdir
+    holding another run is refused at once; `init_workdir` writes to it
+    only once the data loaded, so a config the data reject leaves the
+    directory as it was and the corrected command needs no ``--overwrite``.
 
     Args:
-        workdir: the run directory.
+        workdir: the run directory (need not exist).
         config: the resolved config.
-        overwrite: reuse a directory whose ``config.json`` differs (its files
-            are overwritten as the new run writes them; nothing is deleted).
+        overwrite: accept a directory whose ``config.json`` differs (its
+            files are overwritten as the new run writes them; nothing is
+            deleted).
 
     Returns:
         True if the directory holds this very config (the run resumes).
+
+    Raises:
+        WorkdirError: no workdir, a file, or another run without
+            ``overwrite``.
     """
     if not workdir:
         raise WorkdirError("Expected --workdir=DIR. Received: no workdir")
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
     path = os.path.join(workdir, "config.json")
-    text = _config_json(config)
-    same = False
-    if os.path.exists(path):
-        with open(path) as f:
-            same = f.read() == text
-        if not same and not overwrite:
-            raise WorkdirError(
-                f"{workdir} holds a run with a different config.json; "
-                "pass --overwrite to reuse it or choose another --workdir")
+    if not os.path.exists(path):
+        return False
+    with open(path) as f:
+        same = f.read() == _config_json(config)
+    if not same and not overwrite:
+        raise WorkdirError(
+            f"{workdir} holds a run with a different config.json; "
+            "pass --overwrite to reuse it or choose another --workdir")
+    return same
+
+
+def init_workdir(workdir, config):
+    """Creates ``workdir`` and writes the run's ``config.json`` into it.
+
+    The file is replaced atomically, so a kill never leaves a half-written
+    config.json (which would make the next run need ``--overwrite``).
+    """
     os.makedirs(os.path.join(workdir, "genotypes"), exist_ok=True)
-    with open(path, "w") as f:
-        f.write(text)
+    path = os.path.join(workdir, "config.json")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(_config_json(config))
+    os.replace(tmp, path)
+
+
+def prepare_workdir(workdir, config, overwrite=False):
+    """`check_workdir` then `init_workdir`; returns whether it resumes."""
+    same = check_workdir(workdir, config, overwrite)
+    init_workdir(workdir, config)
     return same
 
 
@@ -218,15 +245,19 @@ def search(config, workdir, *, overwrite=False, log=print):
     # workers follow its decisions (resume or not) and write scratch dirs.
     chief_dir = workdir
     workdir = runtime.output_dir(config, chief_dir)
+    # Refuse a foreign workdir before the slow set-up, but write to it only
+    # once the data loaded and the network was built (`init_workdir`
+    # below), so that a config the data reject can be fixed and rerun in
+    # the same workdir without --overwrite. (Pure Python: nothing here may
+    # run a TensorFlow op before the multi-worker strategy exists.)
     if workdir == chief_dir:
-        resume = prepare_workdir(workdir, config, overwrite)
+        resume = check_workdir(workdir, config, overwrite)
     else:
         path = os.path.join(chief_dir, "config.json")
         resume = False
         if os.path.exists(path):
             with open(path) as f:
                 resume = f.read() == _config_json(config)
-        prepare_workdir(workdir, config, overwrite=True)
     runtime.configure(config)
     strategy = runtime.make_strategy(config)
 
@@ -278,6 +309,9 @@ def search(config, workdir, *, overwrite=False, log=print):
              "epoch": epoch_var},
             fingerprint=_fingerprint(config, info), max_to_keep=3, log=log)
 
+    # The set-up succeeded: from here on the run owns the workdir (a
+    # non-chief worker: its scratch directory).
+    init_workdir(workdir, config)
     checkpoint = run_checkpoint(workdir)
     history_path = os.path.join(workdir, "alpha_history.npz")
     history = {"alpha_normal": [], "alpha_reduce": []}

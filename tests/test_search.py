@@ -445,3 +445,62 @@ def test_resume_drops_metric_lines_after_the_checkpoint(tmp_path):
     assert kept == [r for r in lines if (r["kind"] == "step" and r["step"] <= 4)
                     or (r["kind"] == "epoch" and r["epoch"] <= 1)]
     assert [r.get("step") for r in kept] == [1, 2, 3, None, 4]
+
+
+# ---------------------------------------------------------------------------
+# A config the data reject leaves the workdir alone; a non-finite gradient
+# (not a batch) in one objective skips its steps.
+
+
+def _tree(root):
+    """Every file under ``root`` with its bytes."""
+    return {os.path.relpath(os.path.join(d, n), root):
+            open(os.path.join(d, n), "rb").read()
+            for d, _, names in os.walk(root) for n in names}
+
+
+def _image_folder(root, per_class=8):
+    rng = np.random.default_rng(0)
+    for split, count in (("train", per_class), ("test", 2)):
+        for name in ("a", "b"):
+            folder = os.path.join(root, split, name)
+            os.makedirs(folder)
+            for i in range(count):
+                png = tf.io.encode_png(
+                    rng.integers(0, 255, (8, 8, 3), dtype=np.uint8))
+                with open(os.path.join(folder, f"{i}.png"), "wb") as f:
+                    f.write(png.numpy())
+    return root
+
+
+def test_data_error_leaves_the_workdir_unwritten(tmp_path):
+    workdir = str(tmp_path / "run")
+    common = {"data.name": "folder", "data.num_train": 0,
+              "data.num_test": 0, "batch_size": 4, "eval_batch_size": 4,
+              "epochs": 1, "steps_per_epoch": 1}
+    bad = tiny_config(**common, **{"data.root": "/nonexistent/data"})
+    with pytest.raises(search.data_lib.DataError, match="does not exist"):
+        search.search(bad, workdir, log=lambda _: None)
+    assert not os.path.exists(os.path.join(workdir, "config.json"))
+
+    # The corrected config runs in the same workdir without --overwrite.
+    root = _image_folder(str(tmp_path / "images"))
+    good = tiny_config(**common, **{"data.root": root})
+    result = search.search(good, workdir, log=lambda _: None)
+    assert result["steps"] == 1
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["data"]["root"] == root
+    before = _tree(workdir)
+
+    # The same mistake over the finished run, even with --overwrite: one
+    # line, exit 2, and the run's files byte for byte as they were.
+    result = run_cli(f"--workdir={workdir}", "--overwrite", *TINY_FLAGS,
+                     "--config.data.name=folder",
+                     "--config.data.root=/nonexistent/data",
+                     "--config.data.num_train=0", "--config.data.num_test=0")
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = [line for line in result.stderr.splitlines()
+             if line.startswith("e2rnas") or "Traceback" in line]
+    assert lines == ["e2rnas search: error: Data root /nonexistent/data "
+                     "does not exist or is not a folder"], result.stderr
+    assert _tree(workdir) == before
