@@ -138,7 +138,13 @@ def build_network(config, info):
         steps=m.steps, multiplier=m.multiplier,
         stem_multiplier=m.stem_multiplier, primitives=m.primitives,
         mean=info.mean, std=info.std, alpha_seed=int(config.seed),
-        cell_impl=m.cell_impl)
+        cell_impl=m.cell_impl,
+        # A fixed name: checkpoints key variables by their Keras path,
+        # which starts with the model's name, and Keras would number a
+        # second supernet of the same process ("search_network_1"), so a
+        # search resumed in-process (a pipeline, a notebook) could not
+        # read its own checkpoints.
+        name="search_network")
     net.build((None, info.image_size, info.image_size, 3))
     return net
 

@@ -504,3 +504,127 @@ def test_data_error_leaves_the_workdir_unwritten(tmp_path):
     assert lines == ["e2rnas search: error: Data root /nonexistent/data "
                      "does not exist or is not a folder"], result.stderr
     assert _tree(workdir) == before
+
+
+def _poison_alpha_gradient(monkeypatch, objective, bad_steps):
+    """Makes ``objective``'s gradient w.r.t. alpha NaN (its value stays
+    finite) at the steps whose counter (0-based, read in the graph) is in
+    ``bad_steps``."""
+    bad = tf.constant(sorted(bad_steps), tf.int64)
+
+    def factor(step):
+        hit = tf.reduce_any(tf.equal(step.iterations.read_value(), bad))
+        return tf.where(hit, tf.constant(np.nan, tf.float32), 1.0)
+
+    if objective in step_lib.NETWORK_OBJECTIVES:
+        real = step_lib.SearchStep._network_loss_grads
+
+        def poisoned(self, images, labels, which):
+            loss, logits, grads = real(self, images, labels, which)
+            # First order: only the objectives ask for "alpha" ("acc"
+            # here; the weight step asks for "w").
+            if which == "alpha":
+                grads = [g * factor(self) for g in grads]
+            return loss, logits, grads
+
+        monkeypatch.setattr(step_lib.SearchStep, "_network_loss_grads",
+                            poisoned)
+    else:
+        real = step_lib.SearchStep._resource_loss_grads
+
+        def poisoned(self, kind, alpha):
+            loss, cost, grads = real(self, kind, alpha)
+            if kind == objective:
+                grads = [g * factor(self) for g in grads]
+            return loss, cost, grads
+
+        monkeypatch.setattr(step_lib.SearchStep, "_resource_loss_grads",
+                            poisoned)
+
+
+def _record_steps(monkeypatch):
+    """Every step call's variables before and after, and its metrics."""
+    calls = []
+    real = step_lib.SearchStep.__call__
+
+    def state(step):
+        counters = {id(step.iterations), id(step.consecutive_skips)}
+        return ([v.numpy().copy() for v in step.network.variables],
+                [v.numpy().copy() for v in step.variables
+                 if id(v) not in counters])
+
+    def alpha(step):
+        return [a.numpy().copy() for a in step.network.arch_variables]
+
+    def recording(self, train_batch, valid_batch):
+        before, alpha_before = state(self), alpha(self)
+        out = real(self, train_batch, valid_batch)
+        calls.append({"before": before, "after": state(self),
+                      "alpha_before": alpha_before, "alpha": alpha(self),
+                      "metrics": {k: float(v) for k, v in out.items()}})
+        return out
+
+    monkeypatch.setattr(step_lib.SearchStep, "__call__", recording)
+    return calls
+
+
+def _same(a, b):
+    return all(np.array_equal(x, y) for x, y in zip(a[0] + a[1], b[0] + b[1]))
+
+
+@pytest.mark.parametrize("objective", ["params", "acc"])
+def test_nonfinite_alpha_gradient_skips_steps_then_stops(
+        tmp_path, monkeypatch, objective):
+    other = "acc" if objective == "params" else "params"
+    # Steps 1, 3 and 4 (0-based) are poisoned: 1 is skipped alone, 3 and 4
+    # reach max_consecutive_skips=2 and stop the run.
+    with monkeypatch.context() as patch:
+        _poison_alpha_gradient(patch, objective, {1, 3, 4})
+        calls = _record_steps(patch)
+        config = tiny_config(objectives=["acc", "params"], epochs=1,
+                             steps_per_epoch=8, max_consecutive_skips=2)
+        lines = []
+        workdir = str(tmp_path / "run")
+        with pytest.raises(step_lib.SearchDivergedError,
+                           match=f"2 consecutive steps.*objectives: "
+                                 f"{objective}\\)"):
+            search.search(config, workdir, log=lines.append)
+
+    assert len(calls) == 5
+    skipped = [c["metrics"]["skipped"] for c in calls]
+    assert skipped == [0.0, 1.0, 0.0, 1.0, 1.0]
+    for c in calls:
+        bad = c["metrics"]["skipped"] == 1.0
+        assert c["metrics"][f"nonfinite/{objective}"] == float(bad)
+        assert c["metrics"][f"nonfinite/{other}"] == 0.0
+        assert c["metrics"]["nonfinite/train"] == 0.0
+        # Its value stayed finite: only the gradient was poisoned.
+        assert np.isfinite(c["metrics"][f"objective/{objective}"])
+        if bad:  # alpha, w, batch-norm statistics, optimizer slots
+            assert _same(c["before"], c["after"])
+        else:
+            assert not any(np.array_equal(a, b) for a, b in
+                           zip(c["alpha_before"], c["alpha"]))
+            assert not _same(c["before"], c["after"])
+    assert [c["metrics"]["consecutive_skips"] for c in calls] == [
+        0.0, 1.0, 0.0, 1.0, 2.0]
+
+    records = [json.loads(line) for line in
+               open(os.path.join(workdir, "metrics.jsonl"))]
+    assert [r[f"nonfinite/{objective}"] for r in records] == [
+        0.0, 1.0, 0.0, 1.0, 1.0]
+    assert [r["skipped"] for r in records] == skipped
+    assert f"step 2 skipped: non-finite {objective} (1 in a row)" in lines
+    assert f"step 5 skipped: non-finite {objective} (2 in a row)" in lines
+    assert any(line.startswith("last finite state saved in ")
+               for line in lines)
+
+    # The checkpoint left behind holds the last finite state and loads: the
+    # same command (now with finite gradients) resumes from it and ends.
+    calls_resumed = []
+    with monkeypatch.context() as patch:
+        calls_resumed = _record_steps(patch)
+        result = search.search(config, workdir, log=lambda _: None)
+    assert result["steps"] == 8
+    assert _same(calls_resumed[0]["before"], calls[-1]["after"])
+    assert _same(calls[-1]["after"], calls[2]["after"])
