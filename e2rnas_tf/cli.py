@@ -62,6 +62,9 @@ COMMANDS = {
                "Export a trained network as a TF Serving SavedModel."),
     "plot": ("e2rnas_tf.plots:main", "search_config",
              "Draw cell diagrams of a genotype or plots of a run."),
+    "reproduce": ("e2rnas_tf.reproduce:main", "reproduce_config",
+                  "DARTS vs E2RNAS vs equal weights: search, retrain, "
+                  "evaluate, tabulate."),
 }
 
 
@@ -72,7 +75,7 @@ class UsageError(ValueError):
 def _usage():
     lines = ["usage: e2rnas <command> [--config=configs/X.py] [--workdir=DIR]",
              "", "commands:"]
-    lines += [f"  {name:<9} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 

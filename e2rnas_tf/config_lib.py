@@ -166,3 +166,28 @@ def train_config():
     c.max_consecutive_skips = 10
     runtime_config(c)
     return c
+
+
+def _data_source():
+    """Where the images come from, shared by every stage of a pipeline."""
+    return ml_collections.ConfigDict(dict(
+        name="cifar10", root="", data_dir="", cache_dir=""))
+
+
+def reproduce_config():
+    """`e2rnas reproduce`: methods x seeds, each searched, retrained and
+    evaluated (`e2rnas_tf.reproduce`); configs/reproduce.py sets the scale."""
+    c = ml_collections.ConfigDict()
+    c.variant = "paper"
+    # darts (acc only) | e2rnas (search.objectives, MGDA) | equal
+    # (search.objectives, equal weights 1/K: the paper's ablation).
+    c.methods = ("darts", "e2rnas", "equal")
+    c.seeds = (0, 1)           # search and retraining seed of each run
+    # name/root/data_dir/cache_dir replace those of search.data and
+    # train.data, so the data source is given once.
+    c.data = _data_source()
+    c.search = search_config()
+    c.train = train_config()
+    # The robust accuracy that the trade-off plot shows.
+    c.robust = ml_collections.ConfigDict(dict(attack="pgd", eps=2.0))
+    return c

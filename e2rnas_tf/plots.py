@@ -555,6 +555,94 @@ def plot_tradeoff(run_dirs_or_records, path):
     return _save(fig, path)
 
 
+_METHOD_COLOURS = ("#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e",
+                   "#8c564b")
+
+
+def plot_method_tradeoff(records, path, *, robust_field, robust_label,
+                         labels=None):
+    """Parameters vs clean and vs robust accuracy, one colour per method.
+
+    Every run is a small point; each method's mean over its runs is a large
+    marker with error bars of one sample standard deviation.
+
+    Args:
+        records: dicts with ``method``, ``params_m``, ``clean`` and
+            ``robust_field``.
+        path: output file (the extension picks the format).
+        robust_field: the record key of the robust accuracy shown.
+        robust_label: its axis label.
+        labels: optional ``{method: legend label}``.
+
+    Returns:
+        `path`.
+    """
+    if not records:
+        raise ValueError("Expected at least one record. Received: 0")
+    labels = labels or {}
+    methods = list(dict.fromkeys(r["method"] for r in records))
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5))
+    for ax, field, ylabel in ((axes[0], "clean", "clean accuracy"),
+                              (axes[1], robust_field, robust_label)):
+        for k, method in enumerate(methods):
+            rows = [r for r in records if r["method"] == method]
+            x = np.array([r["params_m"] for r in rows], dtype=float)
+            y = np.array([r[field] for r in rows], dtype=float)
+            colour = _METHOD_COLOURS[k % len(_METHOD_COLOURS)]
+            ax.scatter(x, y, s=25, color=colour, alpha=0.6, zorder=3)
+            sd = (lambda v: float(np.std(v, ddof=1)) if len(v) > 1 else 0.0)
+            ax.errorbar(x.mean(), y.mean(), xerr=sd(x), yerr=sd(y),
+                        fmt="o", ms=9, color=colour, capsize=4, zorder=4,
+                        label=labels.get(method, method))
+        ax.set_xlabel("parameters of the retrained network (M)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=9, loc="best")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_pareto(points, path, *, robust_label="robust accuracy"):
+    """The Pareto front of parameters vs clean vs robust accuracy.
+
+    Three panels (params-clean, params-robust, clean-robust); the
+    non-dominated points (smaller, more accurate, more robust: see
+    `sweep.pareto_mask`) are filled and named, the dominated ones hollow.
+
+    Args:
+        points: dicts with ``name``, ``params_m``, ``clean``, ``robust``
+            and ``pareto`` (bool).
+        path: output file.
+        robust_label: the robust accuracy's axis label.
+
+    Returns:
+        `path`.
+    """
+    if not points:
+        raise ValueError("Expected at least one point. Received: 0")
+    plt = _pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+    pairs = (("params_m", "clean"), ("params_m", "robust"),
+             ("clean", "robust"))
+    names = {"params_m": "parameters (M)", "clean": "clean accuracy",
+             "robust": robust_label}
+    for ax, (fx, fy) in zip(axes, pairs):
+        for p in points:
+            front = bool(p["pareto"])
+            ax.scatter(p[fx], p[fy], s=60, zorder=3,
+                       facecolors="#d62728" if front else "none",
+                       edgecolors="#d62728" if front else "#555555")
+            ax.annotate(p["name"], (p[fx], p[fy]), textcoords="offset points",
+                        xytext=(5, 4), fontsize=8)
+        ax.set_xlabel(names[fx])
+        ax.set_ylabel(names[fy])
+        ax.grid(alpha=0.3)
+    axes[0].set_title("filled: non-dominated (Pareto-optimal)", fontsize=9)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
 def main(config, args):
     """``e2rnas plot``: cell diagrams and, for a search run, its history.
 

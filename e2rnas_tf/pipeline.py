@@ -1,0 +1,192 @@
+"""Search, retrain and evaluate one setting, resumable stage by stage.
+
+`e2rnas reproduce` and `e2rnas sweep` run many settings, each through the
+same three stages, in one process:
+
+    <run_dir>/search/       e2rnas search  (genotype.json, ...)
+    <run_dir>/train/        e2rnas train   (model_last.keras, ...)
+    <run_dir>/evaluation/   e2rnas evaluate (evaluation.json, .md)
+
+Each finished stage leaves ``stage.json`` (its config, its result and its
+wall time). A stage whose ``stage.json`` holds the same config is not run
+again, so a long command that was stopped continues where it was; a stage
+that was interrupted resumes from its own checkpoints (search and train).
+A stage directory holding a different config is refused unless
+``overwrite``, as the single commands do.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import os
+import time
+
+
+class PipelineError(ValueError):
+    """A stage directory holds a different run, or a stage failed."""
+
+
+def _jsonable(value):
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "to_dict"):
+        return value.to_dict()
+    if hasattr(value, "item") and callable(value.item):
+        return value.item()          # NumPy scalars
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def write_json(path, value):
+    """Writes ``value`` as JSON atomically (temp file, then rename)."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(_jsonable(value), f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def read_json(path):
+    """The JSON value in ``path``; None if missing, an error if unreadable."""
+    if not os.path.exists(path):
+        return None
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:
+        raise PipelineError(f"{path} is not readable JSON: {e}") from None
+
+
+def run_stage(stage_dir, config, fn, *, overwrite=False, log=print):
+    """Runs ``fn()`` once for ``config`` in ``stage_dir``.
+
+    Args:
+        stage_dir: the stage's directory (``fn`` writes its outputs there).
+        config: the stage's ConfigDict; identifies the stage's work.
+        fn: a callable returning the stage's result (a JSON-able dict).
+        overwrite: run again even if ``stage.json`` holds another config.
+        log: a print-like callable.
+
+    Returns:
+        The result, from ``stage.json`` if the stage had finished before.
+    """
+    marker = os.path.join(stage_dir, "stage.json")
+    config_dict = _jsonable(config.to_dict())
+    done = read_json(marker)
+    if done is not None:
+        if done.get("config") == config_dict:
+            log(f"{stage_dir}: done before ({done.get('seconds', 0):.0f} s),"
+                " reusing its result")
+            return done["result"]
+        if not overwrite:
+            raise PipelineError(
+                f"{stage_dir} holds a finished stage with a different "
+                "config; use another --workdir or pass --overwrite")
+        os.remove(marker)
+    start = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - start
+    write_json(marker, {"config": config_dict, "result": result,
+                        "seconds": round(seconds, 1)})
+    # Each stage builds its own models and compiled steps; drop them before
+    # the next one so that a long command's memory does not grow.
+    import keras
+    keras.backend.clear_session()
+    gc.collect()
+    return read_json(marker)["result"]
+
+
+def stage_seconds(stage_dir):
+    """Wall seconds the stage took (0 if it has not finished)."""
+    done = read_json(os.path.join(stage_dir, "stage.json"))
+    return float(done.get("seconds", 0.0)) if done else 0.0
+
+
+def search_stage(config, stage_dir, *, overwrite=False, log=print):
+    """`search.search` as a stage; returns genotype, its size and timings."""
+    from e2rnas_tf import search as search_lib
+
+    def fn():
+        result = search_lib.search(config, stage_dir, overwrite=overwrite,
+                                   log=log)
+        if result.get("preempted"):
+            raise PipelineError(
+                f"search in {stage_dir} stopped by {result['preempted']}; "
+                "run the same command again to resume")
+        last = result["epochs"][-1] if result.get("epochs") else {}
+        return {"genotype": result["genotype"].to_dict(),
+                "genotype_path": os.path.join(stage_dir, "genotype.json"),
+                "genotype_params_m": float(result["genotype_params"]),
+                "steps": int(result["steps"]),
+                "compile_seconds": result.get("compile_seconds"),
+                "last_epoch": _jsonable(last)}
+
+    return run_stage(stage_dir, config, fn, overwrite=overwrite, log=log)
+
+
+def train_stage(config, stage_dir, *, overwrite=False, log=print):
+    """`train.train` as a stage; returns size, accuracy and the model path."""
+    from e2rnas_tf import train as train_lib
+
+    def fn():
+        summary = train_lib.train(config, stage_dir, overwrite=overwrite)
+        if summary.get("preempted"):
+            raise PipelineError(
+                f"training in {stage_dir} stopped by {summary['preempted']};"
+                " run the same command again to resume")
+        keep = ("params", "macs", "best_accuracy", "last_accuracy", "epochs",
+                "steps", "image_size", "num_classes")
+        result = {k: _jsonable(summary[k]) for k in keep if k in summary}
+        # The last epoch's model is evaluated: choosing the best epoch by
+        # test accuracy would select on the test set.
+        result["model_path"] = os.path.join(stage_dir, "model_last.keras")
+        return result
+
+    return run_stage(stage_dir, config, fn, overwrite=overwrite, log=log)
+
+
+def evaluate_stage(config, model_path, stage_dir, *, overwrite=False,
+                   log=print):
+    """`e2rnas evaluate` of ``model_path`` as a stage; returns the report."""
+    from e2rnas_tf import evaluate as evaluate_lib
+
+    def fn():
+        report = evaluate_lib.evaluate(config, model_path, stage_dir,
+                                       overwrite=overwrite, log=log)
+        keep = ("num_examples", "clean_accuracy", "robust_accuracy",
+                "params", "flops", "sanity", "seconds")
+        return {k: _jsonable(report[k]) for k in keep if k in report}
+
+    return run_stage(stage_dir, config, fn, overwrite=overwrite, log=log)
+
+
+def search_train_evaluate(search_config, train_config, run_dir, *,
+                          overwrite=False, log=print):
+    """The three stages for one setting in ``run_dir``.
+
+    ``train_config.genotype`` is replaced by the searched genotype's file.
+
+    Returns:
+        A dict with the ``search``, ``train`` and ``evaluation`` results and
+        ``seconds`` (the three stages' wall time).
+    """
+    search_dir = os.path.join(run_dir, "search")
+    train_dir = os.path.join(run_dir, "train")
+    eval_dir = os.path.join(run_dir, "evaluation")
+    searched = search_stage(search_config, search_dir, overwrite=overwrite,
+                            log=log)
+    train_config = train_config.copy_and_resolve_references()
+    with train_config.unlocked():
+        train_config.genotype = os.path.abspath(searched["genotype_path"])
+    train_config.lock()
+    trained = train_stage(train_config, train_dir, overwrite=overwrite,
+                          log=log)
+    evaluated = evaluate_stage(train_config, trained["model_path"], eval_dir,
+                               overwrite=overwrite, log=log)
+    seconds = sum(stage_seconds(d) for d in (search_dir, train_dir, eval_dir))
+    return {"search": searched, "train": trained, "evaluation": evaluated,
+            "seconds": seconds}

@@ -1,0 +1,322 @@
+"""`e2rnas reproduce`: the paper's comparison, at a scale of one's choosing.
+
+For every method and seed: search (`e2rnas search`), retrain the found
+genotype (`e2rnas train`), evaluate it (`e2rnas evaluate`: clean, FGSM and
+PGD accuracy, parameters and multiply-adds), then a table of means and
+spreads per method, the cells' diagrams and a trade-off plot.
+
+Methods (Yue et al. 2020, Table 1 and the ablation of Section 4):
+
+- ``darts``: accuracy only (validation cross-entropy), as DARTS.
+- ``e2rnas``: ``search.objectives`` (acc, adv, params) combined by MGDA.
+- ``equal``: the same objectives with equal weights 1/K instead of MGDA.
+
+Everything else (data, budgets, optimisers, attack, resource target) is the
+same for the three, from `configs/reproduce.py`.
+
+Layout of ``--workdir``::
+
+    runs/<method>_s<seed>/{search,train,evaluation}/   (see pipeline.py)
+    results/results.md, results.json, cells/*.png|svg, tradeoff.png|svg
+
+Reference:
+    https://arxiv.org/abs/2011.09820
+"""
+
+from __future__ import annotations
+
+import datetime
+import math
+import os
+import platform
+import shlex
+import sys
+import time
+
+from e2rnas_tf import pipeline
+
+METHODS = {
+    "darts": "DARTS (accuracy only)",
+    "e2rnas": "E2RNAS (MGDA)",
+    "equal": "E2RNAS, equal weights",
+}
+
+# (record field, table header, format): the per-run figures.
+COLUMNS = (
+    ("search_params_m", "genotype params at 20 cells C=36 (M)", "{:.2f}"),
+    ("params_m", "params (M)", "{:.3f}"),
+    ("macs_m", "MACs (M)", "{:.1f}"),
+    ("clean", "clean acc", "{:.4f}"),
+    ("fgsm_2", "FGSM 2/255", "{:.4f}"),
+    ("fgsm_8", "FGSM 8/255", "{:.4f}"),
+    ("pgd_2", "PGD 2/255", "{:.4f}"),
+    ("pgd_8", "PGD 8/255", "{:.4f}"),
+)
+
+
+class ReproduceError(ValueError):
+    """A bad reproduce config."""
+
+
+def _check(config):
+    methods = tuple(config.methods)
+    unknown = [m for m in methods if m not in METHODS]
+    if not methods or unknown or len(set(methods)) != len(methods):
+        raise ReproduceError(
+            f"Expected config.methods to be distinct names from "
+            f"{list(METHODS)}. Received: {methods!r}")
+    seeds = tuple(config.seeds)
+    if not seeds or len(set(seeds)) != len(seeds) or not all(
+            isinstance(s, int) and s >= 0 for s in seeds):
+        raise ReproduceError(
+            "Expected config.seeds to be distinct integers >= 0. "
+            f"Received: {seeds!r}")
+    eps = tuple(float(e) for e in config.train.evaluate.epsilons)
+    if config.robust.attack not in tuple(config.train.evaluate.attacks) \
+            or float(config.robust.eps) not in eps:
+        raise ReproduceError(
+            "Expected config.robust to name an evaluated attack and eps "
+            f"({list(config.train.evaluate.attacks)} at {list(eps)}). "
+            f"Received: {config.robust.attack} at {config.robust.eps}")
+
+
+def _with_data(stage_config, data):
+    for key in ("name", "root", "data_dir", "cache_dir"):
+        stage_config.data[key] = data[key]
+
+
+def method_configs(config, method, seed):
+    """The search and train configs of one (method, seed) run."""
+    search = config.search.copy_and_resolve_references()
+    train = config.train.copy_and_resolve_references()
+    with search.unlocked(), train.unlocked():
+        _with_data(search, config.data)
+        _with_data(train, config.data)
+        search.seed = int(seed)
+        train.seed = int(seed)
+        if method == "darts":
+            search.objectives = ("acc",)
+        elif method == "equal":
+            search.combine.method = "sum"
+        else:
+            search.combine.method = "mgda"
+    search.lock()
+    train.lock()
+    return search, train
+
+
+def run_record(method, seed, result):
+    """One run's figures as a flat dict (see COLUMNS)."""
+    ev = result["evaluation"]
+    robust = ev.get("robust_accuracy", {})
+    record = {
+        "method": method, "seed": int(seed), "name": f"{method} s{seed}",
+        "genotype": result["search"]["genotype"],
+        "search_params_m": result["search"]["genotype_params_m"],
+        "params_m": result["train"]["params"] / 1e6,
+        "macs_m": result["train"]["macs"] / 1e6,
+        "image_size": result["train"].get("image_size"),
+        "clean": ev["clean_accuracy"],
+        "train_last_accuracy": result["train"].get("last_accuracy"),
+        "num_examples": ev.get("num_examples"),
+        "seconds": result["seconds"],
+    }
+    for attack, per_eps in robust.items():
+        for eps, accuracy in per_eps.items():
+            record[f"{attack}_{eps}"] = accuracy
+    return record
+
+
+def _mean_sd(values):
+    values = [float(v) for v in values if v is not None]
+    if not values:
+        return None, None
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, None
+    var = sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+    return mean, math.sqrt(var)
+
+
+def summarize(records, methods):
+    """Per method: ``{field: (mean, sample sd, n)}`` over its seeds."""
+    summary = {}
+    for method in methods:
+        rows = [r for r in records if r["method"] == method]
+        summary[method] = {}
+        for field, _, _ in COLUMNS:
+            mean, sd = _mean_sd(r.get(field) for r in rows)
+            summary[method][field] = {"mean": mean, "sd": sd, "n": len(rows)}
+    return summary
+
+
+def _cell(stat, fmt):
+    if stat["mean"] is None:
+        return "-"
+    text = fmt.format(stat["mean"])
+    if stat["sd"] is not None:
+        text += " ± " + fmt.format(stat["sd"])
+    return text
+
+
+def format_results(records, summary, meta):
+    """The markdown report: settings, means ± sd, and every run."""
+    lines = [f"# e2rnas reproduce ({meta['variant']})", ""]
+    lines += [f"- command: `{meta['command']}`",
+              f"- machine: {meta['machine']}",
+              f"- wall time of the runs: {meta['hours']:.2f} h "
+              f"(sum of the stages' times; {meta['runs']} runs)",
+              f"- data: {meta['data']}",
+              f"- finished: {meta['finished']}", ""]
+    lines += ["Mean ± sample standard deviation over seeds "
+              f"({', '.join(str(s) for s in meta['seeds'])}). Accuracies on "
+              f"{meta['num_examples']} test images; MACs of one "
+              f"{meta['image_size']}x{meta['image_size']} inference; the "
+              "retrained networks are "
+              f"{meta['train_scale']}.", ""]
+    header = ["method", "n"] + [h for _, h, _ in COLUMNS]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for method, stats in summary.items():
+        n = next(iter(stats.values()))["n"]
+        lines.append("| " + " | ".join(
+            [METHODS[method], str(n)]
+            + [_cell(stats[f], fmt) for f, _, fmt in COLUMNS]) + " |")
+    lines += ["", "## Every run", ""]
+    header = ["run"] + [h for _, h, _ in COLUMNS] + ["hours"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for r in records:
+        values = [fmt.format(r[f]) if r.get(f) is not None else "-"
+                  for f, _, fmt in COLUMNS]
+        lines.append("| " + " | ".join(
+            [r["name"]] + values + [f"{r['seconds'] / 3600:.2f}"]) + " |")
+    lines += ["", "## Genotypes", ""]
+    for r in records:
+        g = r["genotype"]
+        lines.append(f"- **{r['name']}** normal "
+                     f"`{_ops(g['normal'])}`, reduce `{_ops(g['reduce'])}` "
+                     f"(cells/{r['method']}_s{r['seed']}_normal.png)")
+    lines.append("")
+    return "\n".join(lines)
+
+
+def _ops(edges):
+    return " ".join(f"{op}<{src}" for op, src in edges)
+
+
+def _machine():
+    import tensorflow as tf
+    return (f"{platform.machine()} {os.cpu_count()} cores, "
+            f"{platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, TensorFlow {tf.__version__}")
+
+
+def _describe_data(config):
+    d = config.data
+    where = {"folder": d.root, "embedded": "the package's CIFAR-10 subset"
+             }.get(d.name, f"tfds, data_dir={d.data_dir or 'default'}")
+    s, t = config.search.data, config.train.data
+    return (f"{d.name} ({where}); search on {s.num_train or 'all'} training "
+            f"images at {s.image_size or 'native'} px, retraining on "
+            f"{t.num_train or 'all'} at {t.image_size or 'native'} px, "
+            f"evaluation on {config.train.evaluate.num_examples or 'all'} "
+            "test images")
+
+
+def write_results(results_dir, records, config, meta):
+    """results.md, results.json, cells/ and tradeoff.png|svg."""
+    from e2rnas_tf import genotypes as genotypes_lib
+    from e2rnas_tf import plots
+
+    os.makedirs(results_dir, exist_ok=True)
+    summary = summarize(records, tuple(config.methods))
+    cells = os.path.join(results_dir, "cells")
+    for r in records:
+        genotype = genotypes_lib.Genotype.from_dict(r["genotype"])
+        plots.plot_genotype(genotype, cells,
+                            prefix=f"{r['method']}_s{r['seed']}")
+    robust = f"{config.robust.attack}_{float(config.robust.eps):g}"
+    for ext in ("png", "svg"):
+        plots.plot_method_tradeoff(
+            records, os.path.join(results_dir, f"tradeoff.{ext}"),
+            robust_field=robust,
+            robust_label=(f"{config.robust.attack.upper()} "
+                          f"{float(config.robust.eps):g}/255 accuracy"),
+            labels=METHODS)
+    pipeline.write_json(os.path.join(results_dir, "results.json"),
+                        {"meta": meta, "summary": summary, "runs": records})
+    text = format_results(records, summary, meta)
+    tmp = os.path.join(results_dir, "results.md.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+    os.replace(tmp, os.path.join(results_dir, "results.md"))
+    return summary
+
+
+def reproduce(config, workdir, *, overwrite=False, command="", log=print):
+    """Runs every (method, seed) and writes ``<workdir>/results``.
+
+    Args:
+        config: a `config_lib.reproduce_config()` (configs/reproduce.py).
+        workdir: output directory; runs already finished there are reused.
+        overwrite: rerun stages whose directories hold a different config.
+        command: the command line, recorded in the results.
+        log: a print-like callable.
+
+    Returns:
+        ``{"records": [...], "summary": {...}, "results_dir": path}``.
+    """
+    _check(config)
+    start = time.perf_counter()
+    records = []
+    runs = [(m, s) for s in config.seeds for m in config.methods]
+    for i, (method, seed) in enumerate(runs):
+        log(f"reproduce: run {i + 1}/{len(runs)}: {METHODS[method]}, "
+            f"seed {seed}")
+        search_cfg, train_cfg = method_configs(config, method, seed)
+        result = pipeline.search_train_evaluate(
+            search_cfg, train_cfg,
+            os.path.join(workdir, "runs", f"{method}_s{seed}"),
+            overwrite=overwrite, log=log)
+        records.append(run_record(method, seed, result))
+    # Tables list runs by method, then seed.
+    order = {m: k for k, m in enumerate(config.methods)}
+    records.sort(key=lambda r: (order[r["method"]], r["seed"]))
+    t = config.train.model
+    meta = {
+        "variant": config.variant,
+        "command": command or "e2rnas reproduce",
+        "machine": _machine(),
+        "hours": sum(r["seconds"] for r in records) / 3600,
+        "this_invocation_hours": (time.perf_counter() - start) / 3600,
+        "runs": len(records),
+        "seeds": list(config.seeds),
+        "data": _describe_data(config),
+        "num_examples": records[0]["num_examples"] if records else 0,
+        "image_size": records[0]["image_size"] if records else 0,
+        "train_scale": (f"{t.layers} cells, C={t.channels}, trained "
+                        f"{config.train.epochs} epochs"),
+        "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"),
+    }
+    results_dir = os.path.join(workdir, "results")
+    summary = write_results(results_dir, records, config, meta)
+    log(f"reproduce: results in {results_dir}/results.md")
+    return {"records": records, "summary": summary,
+            "results_dir": results_dir}
+
+
+def main(config, args):
+    """``e2rnas reproduce --config=configs/reproduce.py[:cpu|paper|tiny]
+    --workdir=DIR``."""
+    if not args.workdir:
+        raise ReproduceError("Expected --workdir=DIR for the runs and results")
+    # absl removed the flags from argv; the full command line is recorded.
+    command = shlex.join(["e2rnas", *sys.argv[1:]])
+    result = reproduce(config, args.workdir, overwrite=args.overwrite,
+                       command=command,
+                       log=lambda *a: print(*a, flush=True))
+    with open(os.path.join(result["results_dir"], "results.md")) as f:
+        print(f.read())
+    return 0
