@@ -36,6 +36,8 @@ import os
 import re
 import shutil
 import tempfile
+import zipfile
+import zlib
 
 __all__ = [
     "ExportError", "export", "main", "next_version", "update_model_config",
@@ -340,8 +342,61 @@ def resolve_checkpoint(checkpoint):
     return checkpoint
 
 
+def _archive_problem(path):
+    """Why ``path`` is not a readable ``.keras`` zip archive, or None.
+
+    Keras' own loader reports every one of these cases as "File not found"
+    (or a bare KeyError / zip CRC error), which sends the user looking for
+    a file that is right there.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            zip_magic = f.read(2) == b"PK"
+        if zip_magic:
+            return (f"a truncated or damaged zip archive ({size} bytes, no "
+                    "zip directory at its end)")
+        return (f"not a zip archive ({size} bytes; `model.save` writes "
+                ".keras files as zip archives)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "config.json" not in names:
+                return ("the zip archive holds no config.json, so Keras did "
+                        "not write it")
+            if not names & {"model.weights.h5", "model.weights.npz"}:
+                return "the zip archive holds no model.weights.h5"
+            damaged = archive.testzip()
+            if damaged is not None:
+                return (f"{damaged} in the zip archive is damaged (CRC "
+                        "mismatch)")
+            try:
+                json.loads(archive.read("config.json"))
+            except ValueError as e:
+                return f"its config.json is not valid JSON: {e}"
+    except (zipfile.BadZipFile, zlib.error, OSError, RuntimeError,
+            NotImplementedError) as e:
+        return f"a damaged zip archive: {' '.join(str(e).split())}"
+    return None
+
+
 def load_checkpoint(path):
-    """Loads a ``.keras`` file written by ``e2rnas train``."""
+    """Loads a ``.keras`` file written by ``e2rnas train``.
+
+    Args:
+        path: a ``.keras`` file (see `resolve_checkpoint`).
+
+    Returns:
+        The Keras model (not compiled).
+
+    Raises:
+        ExportError: one line ``<path> is not a loadable Keras model file:
+            <reason>`` for an empty, truncated, damaged or non-zip file, a
+            zip without Keras' config.json or weights, and for anything
+            Keras itself cannot rebuild.
+    """
     import keras
 
     # Importing the modules registers the e2rnas layers with Keras'
@@ -352,12 +407,15 @@ def load_checkpoint(path):
         if importlib.util.find_spec(module) is not None:
             importlib.import_module(module)
 
-    try:
-        return keras.saving.load_model(path, compile=False)
-    except (ValueError, OSError, KeyError) as e:
-        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise ExportError(
-            f"{path} is not a loadable Keras model file: {message}") from None
+    problem = _archive_problem(path)
+    if problem is None:
+        try:
+            return keras.saving.load_model(path, compile=False)
+        except (ValueError, OSError, KeyError, TypeError,
+                zipfile.BadZipFile) as e:
+            lines = str(e).strip().splitlines()
+            problem = lines[0].strip() if lines else repr(e)
+    raise ExportError(f"{path} is not a loadable Keras model file: {problem}")
 
 
 def _count_params(model):
