@@ -40,9 +40,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-__all__ = ["ATTACKS", "EvaluationError", "cleverhans_attack",
-           "evaluate_model", "float32_model", "format_table", "main",
-           "sanity_checks"]
+__all__ = ["ATTACKS", "EvaluationError", "check_output", "cleverhans_attack",
+           "evaluate", "evaluate_model", "float32_model", "format_table",
+           "main", "sanity_checks"]
 
 ATTACKS = ("fgsm", "pgd", "bim", "mim")
 ITERATIVE = ("pgd", "bim", "mim")
@@ -727,6 +727,77 @@ def write_summaries(logdir, report):
     writer.close()
 
 
+# Fields of config.data that decide the test images an evaluation sees
+# (the training-only fields, augmentation and num_train, do not).
+_TEST_DATA_FIELDS = ("name", "root", "data_dir", "image_size", "num_test",
+                     "seed")
+
+
+def _identity(config, checkpoint):
+    """What decides an evaluation's numbers, as stored in its report."""
+    data = {k: config.data.get(k) for k in _TEST_DATA_FIELDS}
+    return {"checkpoint": os.path.abspath(checkpoint),
+            "evaluate_config": config.evaluate.to_dict(), "data": data,
+            "seed": int(config.seed)}
+
+
+def _differences(old, new, prefix=""):
+    """``["key: A there, B here", ...]`` between two JSON-ready values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for key in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{key}" if prefix else str(key)
+            if key not in old:
+                out.append(f"{name}: absent there")
+            elif key not in new:
+                out.append(f"{name}: absent here")
+            else:
+                out += _differences(old[key], new[key], name)
+        return out
+    return [] if old == new else [f"{prefix}: {old!r} there, {new!r} here"]
+
+
+def check_output(out_dir, identity, overwrite=False):
+    """Refuses to replace another evaluation's ``evaluation.json``.
+
+    An ``evaluation.json`` in ``out_dir`` made from the same checkpoint
+    (same absolute path), the same ``config.evaluate`` settings, the same
+    test data (``config.data`` fields in `_TEST_DATA_FIELDS`) and the same
+    seed is this very evaluation: it is re-run and replaced (idempotent).
+    Any other one, or one that is not readable JSON, is kept unless
+    ``overwrite``. Nothing is written here.
+
+    Args:
+        out_dir: the directory the report goes to.
+        identity: `_identity` of the evaluation about to run.
+        overwrite: replace whatever is there.
+
+    Raises:
+        EvaluationError: naming the file, the differences and
+            ``--overwrite``.
+    """
+    path = os.path.join(out_dir, "evaluation.json")
+    if overwrite or not os.path.exists(path):
+        return
+    hint = "pass --overwrite to replace it or choose another --workdir"
+    try:
+        with open(path) as f:
+            old = json.load(f)
+    except (OSError, ValueError) as e:
+        reason = " ".join(str(e).split())
+        raise EvaluationError(
+            f"{path} exists and is not a readable evaluation ({reason}); "
+            f"{hint}") from None
+    if not isinstance(old, dict):
+        old = {}
+    # The stored fields went through JSON (tuples became lists).
+    new = json.loads(json.dumps(identity))
+    diffs = _differences({k: old.get(k) for k in new}, new)
+    if diffs:
+        raise EvaluationError(
+            f"{path} holds another evaluation ({'; '.join(diffs)}); {hint}")
+
+
 def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
              log=print):
     """Evaluates a trained model and writes ``evaluation.json``/``.md``.
@@ -737,11 +808,25 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
         checkpoint: a ``.keras`` file or a training workdir (see
             `export.resolve_checkpoint`).
         out_dir: where the report goes (default: the checkpoint's directory).
-        overwrite: replace an existing report (see the check below).
+        overwrite: replace an ``evaluation.json`` there that another
+            evaluation wrote. Without it such a file is refused (before the
+            model and data are loaded, and left untouched); one written by
+            this same evaluation (same checkpoint path, ``config.evaluate``,
+            test data fields and seed, see `check_output`) is re-evaluated
+            and replaced, so rerunning a command is idempotent.
         log: a print-like callable for the progress lines and the table.
 
     Returns:
-        The report dict (as written to ``evaluation.json``).
+        The report dict (as written to ``evaluation.json``): the fields of
+        `evaluate_model` plus ``checkpoint``, ``dataset``, ``data`` (the
+        test data fields of ``config.data``), ``num_classes``,
+        ``class_names``, ``params``, ``flops`` (or ``flops_note``),
+        ``genotype`` if known, ``warning`` if the run was trained on other
+        data, ``evaluate_config`` and ``created``.
+
+    Raises:
+        EvaluationError: bad settings, or an ``evaluation.json`` of another
+            evaluation in ``out_dir`` without ``overwrite``.
 
     Example:
 
@@ -763,6 +848,10 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
     path = export_lib.resolve_checkpoint(checkpoint)
     run_dir = os.path.dirname(os.path.abspath(path))
     out_dir = os.path.abspath(out_dir) if out_dir else run_dir
+    identity = _identity(config, path)
+    # Before the slow part: another evaluation's report is never replaced
+    # without --overwrite.
+    check_output(out_dir, identity, overwrite)
     model = export_lib.load_checkpoint(path)
 
     _, test, info = data_lib.load(config.data)
@@ -781,7 +870,8 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
         random_start=bool(ev.get("random_start", True)),
         jit_compile=bool(config.jit_compile))
 
-    header = {"checkpoint": path, "dataset": info.name,
+    header = {"checkpoint": identity["checkpoint"], "dataset": info.name,
+              "data": identity["data"],
               "num_classes": info.num_classes,
               "class_names": list(info.class_names),
               "params": _count_params(model)}
