@@ -415,6 +415,9 @@ def load_checkpoint(path):
                 zipfile.BadZipFile) as e:
             lines = str(e).strip().splitlines()
             problem = lines[0].strip() if lines else repr(e)
+            if isinstance(e, OSError):
+                # The archive was checked: h5py failing on the weights.
+                problem = f"its weights file cannot be read: {problem}"
     raise ExportError(f"{path} is not a loadable Keras model file: {problem}")
 
 

@@ -78,7 +78,8 @@ CASES = {
     "weights_not_hdf5": (
         lambda raw: _rezip(raw, lambda n, d: b"garbage" * 10 if
                            n.startswith("model.weights") else d),
-        "file signature not found"),
+        "its weights file cannot be read: Unable to synchronously open "
+        "file (file signature not found)"),
     "unknown_layer_class": (
         lambda raw: _rezip(raw, lambda n, d: d.replace(
             b'"Sequential"', b'"NoSuchModel"') if n == "config.json"
