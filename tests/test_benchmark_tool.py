@@ -170,6 +170,20 @@ def test_conditional_counts_its_costlier_branch():
     assert dict(counts) == {"MatMul": 2 * 4 * 2 * 30}
 
 
+def test_other_flops_are_tfs_registry_for_the_uncounted_ops():
+    kernel = tf.ones([1, 1, 3, 3])
+
+    def fn(x):
+        pooled = tf.nn.avg_pool2d(x, 2, 2, "VALID")
+        return tf.nn.conv2d(pooled, kernel, 1, "SAME")
+
+    graph = _graph(fn, (1, 4, 4, 3))
+    assert dict(bench.count_flops(graph)) == {"Conv2D": 2 * 2 * 2 * 3 * 3}
+    # TF's registry: one FLOP per window element per output (2x2 windows,
+    # 1x2x2x3 outputs); the conv is not counted twice.
+    assert dict(bench.count_other_flops(graph)) == {"AvgPool": 4 * 12}
+
+
 def test_dynamic_shape_is_refused():
     kernel = tf.ones([3, 3, 3, 4])
     graph = _graph(lambda x: tf.nn.conv2d(x, kernel, 1, "SAME"),
@@ -212,7 +226,7 @@ def test_table_has_one_row_per_record_whatever_its_status():
     ok, refused, timeout = cells
     assert ok[:6] == ["C", "search1", "off", "float32", "1", "ok"]
     assert ok[6:14] == ["0.812 (0.700)", "39.41", "12.8", "1.66",
-                        "0.20", "11.80", "14.53", "5.2"]
+                        "0.200", "11.80", "14.53", "5.2"]
     assert ok[14:] == ["0.5/1.2", "bf16 model"]
     # Failed rows carry their reason, escaped, and no figures.
     assert refused[5] == "refused" and refused[-1] == "Expected a\\|b"

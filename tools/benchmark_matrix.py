@@ -208,7 +208,8 @@ def format_table(records):
         frac = r.get("peak_fraction")
         load = ""
         if r.get("load_start") is not None:
-            load = f"{r['load_start']:.1f}/{r.get('load_end', float('nan')):.1f}"
+            end = r.get("load_end", float("nan"))
+            load = f"{r['load_start']:.1f}/{end:.1f}"
         note = r.get("reason") if not ok else r.get("note", "")
         note = str(note or "").replace("|", "\\|").replace("\n", " ")
         row = [r.get("config", ""), r.get("workload", ""), r.get("xla", ""),
@@ -217,7 +218,7 @@ def format_table(records):
                _fmt(r.get("images_per_s") if ok else None, ".2f"),
                _fmt(r.get("first_step_s") if ok else None, ".1f"),
                _fmt(r.get("peak_rss_gib") if ok else None, ".2f"),
-               _fmt(r.get("tf_peak_gib") if ok else None, ".2f"),
+               _fmt(r.get("tf_peak_gib") if ok else None, ".3f"),
                _fmt(flops / 1e9 if ok and flops else None, ".2f"),
                _fmt(r.get("gflops_per_s") if ok else None, ".2f"),
                _fmt(100 * frac if ok and frac is not None else None, ".1f"),
