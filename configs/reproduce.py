@@ -30,71 +30,13 @@ Stopped and started again with the same command, it continues.
 
 from e2rnas_tf import config_lib
 
-VARIANTS = ("cpu", "paper", "tiny")
-
-
 def get_config(variant="cpu"):
-    if variant not in VARIANTS:
-        raise ValueError(f"Expected a variant in {list(VARIANTS)}. "
-                         f"Received: {variant!r}")
     c = config_lib.reproduce_config()
-    c.variant = variant
-    s, t = c.search, c.train
-    s.objectives = ("acc", "adv", "params")
-    s.resource.params_constraint = "abs"
-    s.resource.params_target = 3.0
-    ev = t.evaluate
-    ev.attacks = ("fgsm", "pgd")
-    ev.epsilons = (2.0, 8.0)
-    if variant == "paper":
-        c.seeds = (0, 1, 2)
-        c.data.name = "cifar10"
-        t.evaluate.pgd_steps = 20
-    elif variant == "cpu":
-        c.seeds = (0, 1)
-        c.data.name = "cifar10"
-        s.data.image_size = 16
-        s.data.num_train = 10000
-        s.data.num_test = 1000
-        s.model.layers, s.model.channels = 5, 8
-        s.batch_size, s.eval_batch_size = 32, 250
-        s.epochs = 4
-        s.arch.warmup_epochs = 1
-        t.data.num_train = 20000
-        t.data.num_test = 2000
-        t.data.cutout = 0
-        t.model.layers, t.model.channels = 8, 16
-        t.model.drop_path = 0.0
-        t.batch_size, t.eval_batch_size = 64, 250
-        t.epochs = 5
-        ev.num_examples = 1000
-        ev.pgd_steps = 10
-        ev.batch_size = 250
-    else:  # tiny
-        c.seeds = (0, 1)
-        c.data.name = "embedded"
-        s.data.image_size = 8
-        s.data.num_train = 64
-        s.data.num_test = 16
-        s.model.layers, s.model.channels = 3, 4
-        s.model.steps, s.model.multiplier = 2, 2
-        s.resource.layers, s.resource.channels = 5, 8
-        s.resource.params_target = 0.01
-        s.batch_size, s.eval_batch_size = 8, 16
-        s.epochs, s.steps_per_epoch = 2, 2
-        s.arch.warmup_epochs = 1
-        s.log_every = 1000
-        t.data.image_size = 8
-        t.data.num_train = 32
-        t.data.num_test = 16
-        t.data.cutout = 0
-        t.model.layers, t.model.channels = 3, 4
-        t.model.drop_path = 0.0
-        t.batch_size, t.eval_batch_size = 8, 16
-        t.epochs, t.steps_per_epoch = 1, 2
-        t.log_every = 1000
-        ev.num_examples = 16
-        ev.pgd_steps = 2
-        ev.batch_size = 16
+    config_lib.set_pipeline_scale(c, variant)
+    c.seeds = (0, 1, 2) if variant == "paper" else (0, 1)
+    c.search.objectives = ("acc", "adv", "params")
+    c.search.resource.params_constraint = "abs"
+    c.search.resource.params_target = (
+        0.01 if variant == "tiny" else 3.0)
     c.lock()
     return c

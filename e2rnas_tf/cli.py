@@ -65,6 +65,8 @@ COMMANDS = {
     "reproduce": ("e2rnas_tf.reproduce:main", "reproduce_config",
                   "DARTS vs E2RNAS vs equal weights: search, retrain, "
                   "evaluate, tabulate."),
+    "sweep": ("e2rnas_tf.sweep:main", "sweep_config",
+              "Search over resource targets; Pareto front; export it."),
 }
 
 

@@ -191,3 +191,98 @@ def reproduce_config():
     # The robust accuracy that the trade-off plot shows.
     c.robust = ml_collections.ConfigDict(dict(attack="pgd", eps=2.0))
     return c
+
+
+def sweep_config():
+    """`e2rnas sweep`: one search per resource target (and objective set),
+    each retrained and evaluated (`e2rnas_tf.sweep`)."""
+    c = ml_collections.ConfigDict()
+    c.variant = "paper"
+    c.resource = "params"      # params | flops: the swept resource
+    c.constraint = "abs"       # abs | max | floor (see search.resource)
+    c.targets = (1.5, 2.0, 2.5, 3.0)   # millions, at search.resource scale
+    # Each set must contain the swept resource; several sets multiply the
+    # runs: --config.objective_sets="(('acc','params'),('acc','adv','params'))"
+    c.objective_sets = (("acc", "adv", "params"),)
+    c.seed = 0
+    c.data = _data_source()
+    c.search = search_config()
+    c.train = train_config()
+    # The robust accuracy of the Pareto front.
+    c.robust = ml_collections.ConfigDict(dict(attack="pgd", eps=2.0))
+    c.model_name = "e2rnas"    # the served model the front is exported to
+    return c
+
+
+PIPELINE_VARIANTS = ("cpu", "paper", "tiny")
+
+
+def set_pipeline_scale(c, variant):
+    """Sets the search/train/evaluate scale of a reproduce or sweep config.
+
+    - ``paper``: the paper's settings (search 8 cells C=16, 32x32, batch
+      64, 50 epochs; retraining 20 cells C=36, 600 epochs, cutout 16,
+      drop-path 0.2; the full test set, PGD-20). Needs a GPU.
+    - ``cpu``: what a 2-core CPU runs in minutes per setting. Search:
+      5 cells, C=8, 16x16, 10,000 training images split 5,000/5,000, batch
+      32, 4 epochs of which the first trains only w. Retraining: 8 cells,
+      C=16, 32x32, 20,000 images, 5 epochs, batch 64, auxiliary head, no
+      cutout or drop-path. Evaluation on 1,000 test images, PGD-10.
+    - ``tiny``: a few steps of each stage on the embedded subset (tests).
+
+    All variants evaluate FGSM and PGD at 2/255 and 8/255 and load
+    CIFAR-10 through tfds (``c.data.name = "cifar10"``) except ``tiny``.
+    """
+    if variant not in PIPELINE_VARIANTS:
+        raise ValueError(f"Expected a variant in {list(PIPELINE_VARIANTS)}. "
+                         f"Received: {variant!r}")
+    c.variant = variant
+    s, t = c.search, c.train
+    ev = t.evaluate
+    ev.attacks = ("fgsm", "pgd")
+    ev.epsilons = (2.0, 8.0)
+    c.data.name = "embedded" if variant == "tiny" else "cifar10"
+    if variant == "paper":
+        ev.pgd_steps = 20
+    elif variant == "cpu":
+        s.data.image_size = 16
+        s.data.num_train = 10000
+        s.data.num_test = 1000
+        s.model.layers, s.model.channels = 5, 8
+        s.batch_size, s.eval_batch_size = 32, 250
+        s.epochs = 4
+        s.arch.warmup_epochs = 1
+        t.data.num_train = 20000
+        t.data.num_test = 2000
+        t.data.cutout = 0
+        t.model.layers, t.model.channels = 8, 16
+        t.model.drop_path = 0.0
+        t.batch_size, t.eval_batch_size = 64, 250
+        t.epochs = 5
+        ev.num_examples = 1000
+        ev.pgd_steps = 10
+        ev.batch_size = 250
+    else:
+        s.data.image_size = 8
+        s.data.num_train = 64
+        s.data.num_test = 16
+        s.model.layers, s.model.channels = 3, 4
+        s.model.steps, s.model.multiplier = 2, 2
+        s.resource.layers, s.resource.channels = 5, 8
+        s.batch_size, s.eval_batch_size = 8, 16
+        s.epochs, s.steps_per_epoch = 2, 2
+        s.arch.warmup_epochs = 1
+        s.log_every = 1000
+        t.data.image_size = 8
+        t.data.num_train = 32
+        t.data.num_test = 16
+        t.data.cutout = 0
+        t.model.layers, t.model.channels = 3, 4
+        t.model.drop_path = 0.0
+        t.batch_size, t.eval_batch_size = 8, 16
+        t.epochs, t.steps_per_epoch = 1, 2
+        t.log_every = 1000
+        ev.num_examples = 16
+        ev.pgd_steps = 2
+        ev.batch_size = 16
+    return c

@@ -20,6 +20,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import platform
 import time
 
 
@@ -59,6 +60,15 @@ def read_json(path):
             return json.load(f)
     except (OSError, ValueError) as e:
         raise PipelineError(f"{path} is not readable JSON: {e}") from None
+
+
+def describe_machine():
+    """One line: CPU architecture and cores, OS, Python and TF versions."""
+    import tensorflow as tf
+    gpus = len(tf.config.list_physical_devices("GPU"))
+    return (f"{platform.machine()}, {os.cpu_count()} cores, {gpus} GPUs, "
+            f"{platform.system()} {platform.release()}, Python "
+            f"{platform.python_version()}, TensorFlow {tf.__version__}")
 
 
 def run_stage(stage_dir, config, fn, *, overwrite=False, log=print):

@@ -28,7 +28,6 @@ from __future__ import annotations
 import datetime
 import math
 import os
-import platform
 import shlex
 import sys
 import time
@@ -205,13 +204,6 @@ def _ops(edges):
     return " ".join(f"{op}<{src}" for op, src in edges)
 
 
-def _machine():
-    import tensorflow as tf
-    return (f"{platform.machine()} {os.cpu_count()} cores, "
-            f"{platform.system()} {platform.release()}, Python "
-            f"{platform.python_version()}, TensorFlow {tf.__version__}")
-
-
 def _describe_data(config):
     d = config.data
     where = {"folder": d.root, "embedded": "the package's CIFAR-10 subset"
@@ -287,7 +279,7 @@ def reproduce(config, workdir, *, overwrite=False, command="", log=print):
     meta = {
         "variant": config.variant,
         "command": command or "e2rnas reproduce",
-        "machine": _machine(),
+        "machine": pipeline.describe_machine(),
         "hours": sum(r["seconds"] for r in records) / 3600,
         "this_invocation_hours": (time.perf_counter() - start) / 3600,
         "runs": len(records),

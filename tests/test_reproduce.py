@@ -1,0 +1,240 @@
+"""`e2rnas reproduce` and the stage pipeline under it."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import ml_collections
+import numpy as np
+import pytest
+
+from e2rnas_tf import config_lib
+from e2rnas_tf import pipeline
+from e2rnas_tf import reproduce
+from tests.conftest import REPO
+
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def _cli(args, env):
+    return subprocess.run(
+        [sys.executable, "-m", "e2rnas_tf", *args], cwd=str(REPO), env=env,
+        capture_output=True, text=True, timeout=900)
+
+
+def _tiny(**overrides):
+    from configs import reproduce as reproduce_config
+
+    c = reproduce_config.get_config("tiny")
+    with c.unlocked():
+        for key, value in overrides.items():
+            c[key] = value
+    return c
+
+
+# -- pure parts --------------------------------------------------------------
+
+def test_summarize_is_mean_and_sample_sd_per_method():
+    rng = np.random.default_rng(0)
+    records = []
+    for method in ("darts", "e2rnas"):
+        for seed in range(3):
+            r = {"method": method, "seed": seed}
+            for field, _, _ in reproduce.COLUMNS:
+                r[field] = float(rng.random())
+            records.append(r)
+    summary = reproduce.summarize(records, ("darts", "e2rnas"))
+    for method in ("darts", "e2rnas"):
+        for field, _, _ in reproduce.COLUMNS:
+            values = [r[field] for r in records if r["method"] == method]
+            stat = summary[method][field]
+            assert stat["n"] == 3
+            assert stat["mean"] == pytest.approx(np.mean(values))
+            assert stat["sd"] == pytest.approx(np.std(values, ddof=1))
+
+
+def test_summarize_single_seed_has_no_spread():
+    record = {"method": "darts", "seed": 0}
+    record.update({f: 0.5 for f, _, _ in reproduce.COLUMNS})
+    stat = reproduce.summarize([record], ("darts",))["darts"]["clean"]
+    assert stat == {"mean": 0.5, "sd": None, "n": 1}
+
+
+@pytest.mark.parametrize("overrides, match", [
+    ({"methods": ("darts", "nas")}, "config.methods"),
+    ({"methods": ("darts", "darts")}, "config.methods"),
+    ({"methods": ()}, "config.methods"),
+    ({"seeds": (0, 0)}, "config.seeds"),
+    ({"seeds": (-1,)}, "config.seeds"),
+])
+def test_bad_reproduce_configs_are_refused(overrides, match, tmp_path):
+    with pytest.raises(reproduce.ReproduceError, match=match):
+        reproduce.reproduce(_tiny(**overrides), str(tmp_path))
+    assert not os.listdir(tmp_path)
+
+
+def test_robust_setting_must_be_evaluated(tmp_path):
+    c = _tiny()
+    with c.unlocked():
+        c.robust.eps = 4.0
+    with pytest.raises(reproduce.ReproduceError, match="config.robust"):
+        reproduce.reproduce(c, str(tmp_path))
+
+
+def test_method_configs_differ_only_in_the_upper_level():
+    c = _tiny()
+    with c.unlocked():
+        c.data.name, c.data.root = "folder", "/data/cifar10"
+    configs = {m: reproduce.method_configs(c, m, 3)
+               for m in reproduce.METHODS}
+    for search, train in configs.values():
+        assert search.seed == train.seed == 3
+        assert search.data.root == train.data.root == "/data/cifar10"
+        assert search.data.image_size == c.search.data.image_size
+    assert tuple(configs["darts"][0].objectives) == ("acc",)
+    assert tuple(configs["e2rnas"][0].objectives) == ("acc", "adv", "params")
+    assert configs["e2rnas"][0].combine.method == "mgda"
+    assert configs["equal"][0].combine.method == "sum"
+    # Apart from objectives/combine, the three searches are the same.
+    def rest(cfg):
+        d = cfg.to_dict()
+        d.pop("objectives"), d.pop("combine")
+        return d
+    assert rest(configs["darts"][0]) == rest(configs["e2rnas"][0]) \
+        == rest(configs["equal"][0])
+
+
+def test_run_stage_reuses_refuses_and_overwrites(tmp_path):
+    calls = []
+    cfg = ml_collections.ConfigDict({"a": 1})
+
+    def fn():
+        calls.append(1)
+        return {"value": len(calls)}
+
+    d = str(tmp_path / "stage")
+    os.makedirs(d)
+    assert pipeline.run_stage(d, cfg, fn, log=lambda *a: None) == {"value": 1}
+    assert pipeline.run_stage(d, cfg, fn, log=lambda *a: None) == {"value": 1}
+    assert len(calls) == 1
+    other = ml_collections.ConfigDict({"a": 2})
+    with pytest.raises(pipeline.PipelineError, match="different config"):
+        pipeline.run_stage(d, other, fn, log=lambda *a: None)
+    assert len(calls) == 1
+    with open(os.path.join(d, "stage.json")) as f:
+        assert json.load(f)["config"] == {"a": 1}   # untouched
+    assert pipeline.run_stage(d, other, fn, overwrite=True,
+                              log=lambda *a: None) == {"value": 2}
+
+
+def test_a_failing_stage_leaves_no_marker(tmp_path):
+    def fn():
+        raise ValueError("boom")
+
+    d = str(tmp_path)
+    with pytest.raises(ValueError, match="boom"):
+        pipeline.run_stage(d, ml_collections.ConfigDict({"a": 1}), fn)
+    assert not os.path.exists(os.path.join(d, "stage.json"))
+
+
+# -- end to end --------------------------------------------------------------
+
+def _eval_json(workdir, run):
+    with open(os.path.join(workdir, "runs", run, "evaluation",
+                           "evaluation.json")) as f:
+        return json.load(f)
+
+
+def test_reproduce_tiny_end_to_end_and_resume(tmp_path, subprocess_env):
+    workdir = str(tmp_path / "repro")
+    args = ["reproduce", "--config=configs/reproduce.py:tiny",
+            f"--workdir={workdir}"]
+    proc = _cli(args, subprocess_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = os.path.join(workdir, "results")
+    with open(os.path.join(results, "results.json")) as f:
+        out = json.load(f)
+    runs = [f"{m}_s{s}" for m in ("darts", "e2rnas", "equal")
+            for s in (0, 1)]
+    assert [r["name"].replace(" ", "_") for r in out["runs"]] == runs
+    # The table's figures are the evaluation files' figures.
+    for r in out["runs"]:
+        ev = _eval_json(workdir, r["name"].replace(" ", "_"))
+        assert r["clean"] == ev["clean_accuracy"]
+        for attack in ("fgsm", "pgd"):
+            for eps in ("2", "8"):
+                assert r[f"{attack}_{eps}"] == \
+                    ev["robust_accuracy"][attack][eps]
+        assert r["params_m"] * 1e6 == pytest.approx(ev["params"])
+        assert ev["num_examples"] == 16
+    for method in ("darts", "e2rnas", "equal"):
+        clean = [r["clean"] for r in out["runs"] if r["method"] == method]
+        stat = out["summary"][method]["clean"]
+        assert stat["mean"] == pytest.approx(np.mean(clean))
+        assert stat["sd"] == pytest.approx(np.std(clean, ddof=1))
+    # The three searches used their own upper levels.
+    def search_config(run):
+        with open(os.path.join(workdir, "runs", run, "search",
+                               "config.json")) as f:
+            return json.load(f)
+    assert search_config("darts_s0")["objectives"] == ["acc"]
+    assert search_config("e2rnas_s1")["combine"]["method"] == "mgda"
+    assert search_config("equal_s0")["combine"]["method"] == "sum"
+    with open(os.path.join(workdir, "runs", "equal_s0", "search",
+                           "metrics.jsonl")) as f:
+        steps = [json.loads(line) for line in f if '"weight/acc"' in line]
+    assert steps and all(math.isclose(s["weight/adv"], 1 / 3, rel_tol=1e-5)
+                         for s in steps)
+    # The retrained network is the searched genotype.
+    for run in runs:
+        with open(os.path.join(workdir, "runs", run, "search",
+                               "genotype.json")) as f:
+            searched = json.load(f)
+        with open(os.path.join(workdir, "runs", run, "train",
+                               "genotype.json")) as f:
+            assert json.load(f) == searched
+    md = open(os.path.join(results, "results.md")).read()
+    assert "| DARTS (accuracy only) | 2 |" in md
+    assert "| E2RNAS (MGDA) | 2 |" in md and "±" in md
+    assert "--config=configs/reproduce.py:tiny" in md
+    for run in runs:
+        for cell in ("normal", "reduce"):
+            with open(os.path.join(results, "cells",
+                                   f"{run}_{cell}.png"), "rb") as f:
+                assert f.read(8) == PNG
+            assert os.path.getsize(os.path.join(
+                results, "cells", f"{run}_{cell}.svg")) > 1000
+    with open(os.path.join(results, "tradeoff.png"), "rb") as f:
+        assert f.read(8) == PNG
+
+    # Again: every stage is reused, nothing is trained, same results.
+    before = os.path.getmtime(os.path.join(
+        workdir, "runs", "darts_s0", "train", "model_last.keras"))
+    proc = _cli(args, subprocess_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reusing its result") == 18
+    assert os.path.getmtime(os.path.join(
+        workdir, "runs", "darts_s0", "train", "model_last.keras")) == before
+    with open(os.path.join(results, "results.json")) as f:
+        again = json.load(f)
+    assert again["runs"] == out["runs"]
+
+
+def test_reproduce_needs_a_workdir(subprocess_env):
+    proc = _cli(["reproduce", "--config=configs/reproduce.py:tiny"],
+                subprocess_env)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "e2rnas reproduce: error: Expected --workdir=DIR for the runs and "
+        "results")
+
+
+def test_unknown_variant_is_one_line(subprocess_env, tmp_path):
+    proc = _cli(["reproduce", "--config=configs/reproduce.py:huge",
+                 f"--workdir={tmp_path}"], subprocess_env)
+    assert proc.returncode == 2
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("e2rnas reproduce: error:") and "huge" in last
+    assert "Traceback" not in proc.stderr
