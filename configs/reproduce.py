@@ -6,8 +6,8 @@ Variants (``--config=configs/reproduce.py:<variant>``):
   1.5-2 hours. Search: 5 cells, C=8, on 16x16 images, a 10,000-image
   subset of the training set split 5,000 (w) / 5,000 (alpha), batch 32,
   4 epochs of which the first trains only w. Retraining: 8 cells, C=16,
-  native 32x32, a 20,000-image subset, 5 epochs, batch 64, auxiliary head,
-  no cutout or drop-path (too few epochs to need them). Evaluation: clean,
+  native 32x32, the same 10,000 images, 3 epochs, batch 64, auxiliary
+  head, no cutout or drop-path (too few epochs to need them). Evaluation: clean,
   FGSM and PGD-10 at 2/255 and 8/255 on 1,000 test images. Two seeds.
 - ``paper``: the paper's settings (needs a GPU): search 8 cells C=16,
   32x32, batch 64, 50 epochs on the full split; retraining 20 cells C=36,
