@@ -5,8 +5,9 @@ configs/reproduce.py (`config_lib.set_pipeline_scale`):
 
 - ``cpu`` (default): targets 2.0, 2.75 and 3.5 M parameters (of the
   20-cell, C=36 network, ``abs`` constraint), acc + adv + params with
-  MGDA, seed 0: three search-retrain-evaluate runs, about 45 minutes on
-  2 cores.
+  MGDA, seed 0: three search-retrain-evaluate runs, roughly an hour on
+  2 cores (estimated from the stage times of the reproduce run in
+  docs/reproduce_cpu; the tests run the ``tiny`` variant).
 - ``paper``: targets 1.5-3.5 M at the paper's settings (needs a GPU).
 - ``tiny``: a few steps of each stage (tests).
 
