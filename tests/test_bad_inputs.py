@@ -168,7 +168,7 @@ def _cases(tmp):
     train = ["train", f"--config={cfg}"]
     SEARCH = ["--config=configs/search_demo.py"] + SEARCH_FLAGS
     new = f"--workdir={tmp / 'new'}"
-    # `e2rnas search` writes config.json before it loads the data.
+    # A search workdir of its own (search and train runs differ).
     new_s = f"--workdir={tmp / 'new_search'}"
     folder = "--config.data.name=folder"
     return [
