@@ -56,7 +56,7 @@ class ExportError(ValueError):
     """The checkpoint, export base or model name cannot be exported."""
 
 
-def _check_model_name(model_name):
+def check_model_name(model_name):
     if (not isinstance(model_name, str) or not model_name
             or not _NAME_RE.match(model_name)):
         raise ExportError(
@@ -240,7 +240,7 @@ def export(model, export_base, model_name, *, metadata=None,
     import keras
     import tensorflow as tf
 
-    _check_model_name(model_name)
+    check_model_name(model_name)
     if not isinstance(export_base, (str, os.PathLike)) or not str(export_base):
         raise ExportError(
             f"Expected an export base directory. Received: "
@@ -482,7 +482,7 @@ def checkpoint_metadata(model_path, model):
 def main(config, args):
     """``e2rnas export --checkpoint=... --export_base=... --model_name=...``."""
     del config  # The run's own config.json travels with the checkpoint.
-    _check_model_name(args.model_name)
+    check_model_name(args.model_name)
     if not args.export_base:
         raise ExportError(
             "Expected --export_base=<TF Serving base directory>. "

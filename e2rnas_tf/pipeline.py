@@ -62,6 +62,25 @@ def read_json(path):
         raise PipelineError(f"{path} is not readable JSON: {e}") from None
 
 
+def check_robust(config, error=PipelineError):
+    """``config.robust`` must name an attack and eps that are evaluated."""
+    ev = config.train.evaluate
+    eps = tuple(float(e) for e in ev.epsilons)
+    if config.robust.attack not in tuple(ev.attacks) \
+            or float(config.robust.eps) not in eps:
+        raise error(
+            "Expected config.robust to name an evaluated attack and eps "
+            f"({list(ev.attacks)} at {list(eps)}). "
+            f"Received: {config.robust.attack} at {config.robust.eps}")
+
+
+def set_data_source(stage_config, data):
+    """Copies a pipeline's data source (name, root, data_dir, cache_dir)
+    into a stage config (unlocked by the caller)."""
+    for key in ("name", "root", "data_dir", "cache_dir"):
+        stage_config.data[key] = data[key]
+
+
 def describe_machine():
     """One line: CPU architecture and cores, OS, Python and TF versions."""
     import tensorflow as tf

@@ -70,18 +70,7 @@ def _check(config):
         raise ReproduceError(
             "Expected config.seeds to be distinct integers >= 0. "
             f"Received: {seeds!r}")
-    eps = tuple(float(e) for e in config.train.evaluate.epsilons)
-    if config.robust.attack not in tuple(config.train.evaluate.attacks) \
-            or float(config.robust.eps) not in eps:
-        raise ReproduceError(
-            "Expected config.robust to name an evaluated attack and eps "
-            f"({list(config.train.evaluate.attacks)} at {list(eps)}). "
-            f"Received: {config.robust.attack} at {config.robust.eps}")
-
-
-def _with_data(stage_config, data):
-    for key in ("name", "root", "data_dir", "cache_dir"):
-        stage_config.data[key] = data[key]
+    pipeline.check_robust(config, ReproduceError)
 
 
 def method_configs(config, method, seed):
@@ -89,8 +78,8 @@ def method_configs(config, method, seed):
     search = config.search.copy_and_resolve_references()
     train = config.train.copy_and_resolve_references()
     with search.unlocked(), train.unlocked():
-        _with_data(search, config.data)
-        _with_data(train, config.data)
+        pipeline.set_data_source(search, config.data)
+        pipeline.set_data_source(train, config.data)
         search.seed = int(seed)
         train.seed = int(seed)
         if method == "darts":

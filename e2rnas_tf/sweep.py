@@ -93,15 +93,9 @@ def _check(config):
         raise SweepError(
             f"Expected config.objective_sets, each containing {kind!r} (the "
             f"swept resource). Received: {sets!r}")
-    eps = tuple(float(e) for e in config.train.evaluate.epsilons)
-    if config.robust.attack not in tuple(config.train.evaluate.attacks) \
-            or float(config.robust.eps) not in eps:
-        raise SweepError(
-            "Expected config.robust to name an evaluated attack and eps "
-            f"({list(config.train.evaluate.attacks)} at {list(eps)}). "
-            f"Received: {config.robust.attack} at {config.robust.eps}")
+    pipeline.check_robust(config, SweepError)
     from e2rnas_tf import export as export_lib
-    export_lib._check_model_name(config.model_name)
+    export_lib.check_model_name(config.model_name)
 
 
 def settings(config):
@@ -121,8 +115,7 @@ def setting_configs(config, objectives, target):
     kind = config.resource
     with search.unlocked(), train.unlocked():
         for stage in (search, train):
-            for key in ("name", "root", "data_dir", "cache_dir"):
-                stage.data[key] = config.data[key]
+            pipeline.set_data_source(stage, config.data)
             stage.seed = int(config.seed)
         search.objectives = tuple(objectives)
         search.resource[f"{kind}_target"] = float(target)
