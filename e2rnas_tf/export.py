@@ -57,6 +57,7 @@ class ExportError(ValueError):
 
 
 def check_model_name(model_name):
+    """Raises ExportError unless ``model_name`` is a safe served name."""
     if (not isinstance(model_name, str) or not model_name
             or not _NAME_RE.match(model_name)):
         raise ExportError(
