@@ -200,6 +200,7 @@ def _ok_record(**overrides):
     record = dict(
         config="C", workload="search1", xla="off", precision="float32",
         devices=1, status="ok", reason="", step_s=0.8123, step_s_min=0.7,
+        steps=10,
         images_per_s=39.41, first_step_s=12.84, peak_rss_gib=1.664,
         tf_peak_gib=0.2, flops_per_step=11.8e9, gflops_per_s=14.53,
         peak_fraction=0.0516, load_start=0.5, load_end=1.25)
@@ -225,7 +226,7 @@ def test_table_has_one_row_per_record_whatever_its_status():
     assert all(len(row) == len(cells[0]) for row in cells)
     ok, refused, timeout = cells
     assert ok[:6] == ["C", "search1", "off", "float32", "1", "ok"]
-    assert ok[6:14] == ["0.812 (0.700)", "39.41", "12.8", "1.66",
+    assert ok[6:14] == ["0.812 (0.700) n=10", "39.41", "12.8", "1.66",
                         "0.200", "11.80", "14.53", "5.2"]
     assert ok[14:] == ["0.5/1.2", "bf16 model"]
     # Failed rows carry their reason, escaped, and no figures.
@@ -244,6 +245,15 @@ def test_matrix_cells_cover_the_product_xla_off_first():
     assert cells[0]["config"] == "C" and cells[-1]["config"] == "A"
     with pytest.raises(ValueError, match="B is A"):
         matrix.cells(["B"], ["search1"], ["off"], ["float32"], [1])
+
+
+def test_table_rows_keep_the_latest_record_per_cell_in_matrix_order():
+    a = _ok_record(config="A", step_s=5.0)
+    c_old = _ok_record(step_s=2.0)
+    c_new = _ok_record(step_s=1.0)
+    c_pgd = _ok_record(workload="pgd")
+    rows = matrix.table_rows([a, c_old, c_pgd, c_new])
+    assert rows == [c_new, c_pgd, a]
 
 
 def test_failure_reason_helpers(tmp_path):

@@ -179,6 +179,23 @@ def run_cell(cell, args, json_path, log_dir):
     return record
 
 
+def table_rows(records):
+    """The latest record of each cell, in the full matrix's order.
+
+    Several invocations (e.g. a subset re-run with other ``--steps``) may
+    write to one ``results.jsonl``: a later record of a cell replaces an
+    earlier one, and the table shows every cell seen.
+    """
+    latest = {}
+    for r in records:
+        latest[cell_key(r)] = r
+    order = {cell_key(c): i for i, c in enumerate(cells(
+        ["C", "A"], benchmark.WORKLOADS, benchmark.XLA,
+        benchmark.PRECISIONS, benchmark.DEVICES))}
+    return sorted(latest.values(),
+                  key=lambda r: order.get(cell_key(r), len(order)))
+
+
 def _fmt(value, spec):
     return "" if value is None else format(value, spec)
 
@@ -202,7 +219,8 @@ def format_table(records):
              "|" + "---|" * len(header)]
     for r in records:
         ok = r.get("status") == "ok"
-        step = (f"{r['step_s']:.3f} ({r['step_s_min']:.3f})"
+        step = (f"{r['step_s']:.3f} ({r['step_s_min']:.3f}) "
+                f"n={r.get('steps', '?')}"
                 if ok and r.get("step_s") is not None else "")
         flops = r.get("flops_per_step")
         frac = r.get("peak_fraction")
@@ -242,10 +260,11 @@ def _preamble(args, records):
             f"(median over cells, {peaks[0]:.1f}-{peaks[-1]:.1f})"
             if peaks else "no matmul peak measured yet")
     threads = args.threads or "TF default"
-    return (f"Command: `python tools/benchmark_matrix.py "
-            f"{' '.join(args.argv)}`\n\n"
-            f"Each cell a fresh process; {args.steps} timed steps after "
-            f"{args.warmup} warm-up, median (min); {threads} threads; "
+    return (f"Last command: `python tools/benchmark_matrix.py "
+            f"{' '.join(args.argv)}` (each row's own command is in "
+            f"results.jsonl)\n\n"
+            f"Each cell a fresh process; s/step: median (min) of n timed "
+            f"steps after {args.warmup} warm-up; {threads} threads; "
             f"per-cell timeout {args.timeout:g} s; {peak}. FLOPs: "
             "conv/depthwise/matmul forward and backprop kernels that run, "
             "2 per multiply-add (tools/benchmark.py).\n\n")
@@ -325,11 +344,7 @@ def main(argv=None):
                    else record.get("reason", ""))
         print(f"    {record.get('status')} in {record['wall_s']:.0f} s: "
               f"{summary}", flush=True)
-        # The latest record per cell: a re-run replaces an older row.
-        latest = {}
-        for r in read_records(json_path):
-            latest[cell_key(r)] = r
-        rows = [latest[k] for k in map(cell_key, args.cells) if k in latest]
+        rows = table_rows(read_records(json_path))
         write_table(table_path, rows, _preamble(args, rows))
     return 0
 
