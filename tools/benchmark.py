@@ -175,7 +175,7 @@ def check_args(args):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="C",
                         help="size: A, B (= A, search2) or C")

@@ -12,11 +12,23 @@ child or, if it died, from this driver), ``table.md`` (rewritten after
 every cell, so a partial matrix is readable) and ``logs/<cell>.log`` (the
 child's stdout and stderr).
 
-Usage (a quiet machine; 2 threads as the project's CPU figures)::
+Usage (a quiet machine; 2 threads as the project's CPU figures). The whole
+matrix (64 cells, default 30 min timeout) is estimated at about 4 h on
+the 2-core development machine (from single cells timed there under
+load), 2 h of it the four A-size XLA search cells timing out (one XLA
+search step at A took 544 s after a 1056 s first step, at 14 GiB RSS).
+Run it in parts, all into one table (add ``--skip-done`` to resume an
+interrupted part)::
 
-    python tools/benchmark_matrix.py --out runs/bench_matrix --threads 2
-    python tools/benchmark_matrix.py --out runs/bench_matrix --threads 2 \\
-        --configs C --xla off --skip-done   # resume / a subset
+    python tools/benchmark_matrix.py --out runs/bench_matrix --configs C
+    python tools/benchmark_matrix.py --out runs/bench_matrix --configs A \\
+        --xla off
+    python tools/benchmark_matrix.py --out runs/bench_matrix --configs A \\
+        --xla on --workloads train,pgd
+    # optional, one step each (the rows say n=1):
+    python tools/benchmark_matrix.py --out runs/bench_matrix --configs A \\
+        --xla on --workloads search1,search2 --steps 1 --warmup 0 \\
+        --timeout 3600
     python tools/benchmark_matrix.py --dry-run   # list the cells
 """
 
@@ -272,7 +284,7 @@ def _preamble(args, records):
 
 def build_parser():
     parser = argparse.ArgumentParser(
-        description=__doc__.splitlines()[0],
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="runs/bench_matrix")
     parser.add_argument("--configs", default="C,A")
