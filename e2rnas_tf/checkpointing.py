@@ -41,6 +41,8 @@ Example:
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -384,3 +386,67 @@ class PreemptionGuard:
             signal.signal(sig, handler)
         self._previous = {}
         return False
+
+
+class WorkdirBusyError(ValueError):
+    """Another live process is running in the same work directory."""
+
+
+class WorkdirLock:
+    """An exclusive lock on a work directory for the life of a run.
+
+    Two commands writing one workdir (the same command started twice, or a
+    second `e2rnas reproduce` over a running one) would interleave their
+    checkpoints and truncate each other's metrics. The lock is an
+    advisory `flock` on ``<workdir>/.e2rnas.lock``, which holds the owner's
+    pid; the kernel releases it when the owner exits, however it exits
+    (SIGKILL included), so a crashed run never leaves a stale lock.
+
+    Example:
+
+    >>> lock = WorkdirLock("runs/demo").acquire()
+    >>> ...  # the run
+    >>> lock.release()
+    """
+
+    FILENAME = ".e2rnas.lock"
+
+    def __init__(self, workdir):
+        self.path = os.path.join(workdir, self.FILENAME)
+        self._fd = None
+
+    def acquire(self):
+        """Takes the lock or raises `WorkdirBusyError`; returns self."""
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
+                raise
+            raise WorkdirBusyError(
+                f"{os.path.dirname(self.path)} is in use by another e2rnas "
+                f"process (pid {owner}); wait for it to finish or use "
+                "another --workdir") from None
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def release(self):
+        """Releases the lock (the file stays; it is harmless)."""
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
+            self._fd = None
+
+    def __enter__(self):
+        return self.acquire()
+
+    def __exit__(self, *exc):
+        self.release()
+
+    def __del__(self):
+        self.release()

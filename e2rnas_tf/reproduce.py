@@ -248,7 +248,15 @@ def reproduce(config, workdir, *, overwrite=False, command="", log=print):
     Returns:
         ``{"records": [...], "summary": {...}, "results_dir": path}``.
     """
+    from e2rnas_tf import checkpointing
+
     _check(config)
+    with checkpointing.WorkdirLock(workdir):
+        return _reproduce(config, workdir, overwrite=overwrite,
+                          command=command, log=log)
+
+
+def _reproduce(config, workdir, *, overwrite, command, log):
     start = time.perf_counter()
     records = []
     runs = [(m, s) for s in config.seeds for m in config.methods]

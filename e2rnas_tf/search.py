@@ -316,7 +316,9 @@ def search(config, workdir, *, overwrite=False, log=print):
             fingerprint=_fingerprint(config, info), max_to_keep=3, log=log)
 
     # The set-up succeeded: from here on the run owns the workdir (a
-    # non-chief worker: its scratch directory).
+    # non-chief worker: its scratch directory), and no other process may
+    # write it at the same time.
+    lock = checkpointing.WorkdirLock(workdir).acquire()
     init_workdir(workdir, config)
     checkpoint = run_checkpoint(workdir)
     history_path = os.path.join(workdir, "alpha_history.npz")
@@ -467,6 +469,7 @@ def search(config, workdir, *, overwrite=False, log=print):
         guard.__exit__()
         metrics_file.close()
         writer.close()
+        lock.release()
     if preempted:
         return dict(preempted=preempted, steps=int(step.iterations.numpy()),
                     checkpoint=checkpoint.latest, workdir=workdir)

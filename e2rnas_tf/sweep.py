@@ -218,10 +218,18 @@ def sweep(config, workdir, *, export_base=None, overwrite=False, command="",
     Returns:
         ``{"points": [...], "exports": {...}, "results_dir": path}``.
     """
+    from e2rnas_tf import checkpointing
+
+    _check(config)
+    with checkpointing.WorkdirLock(workdir):
+        return _sweep(config, workdir, export_base=export_base,
+                      overwrite=overwrite, command=command, log=log)
+
+
+def _sweep(config, workdir, *, export_base, overwrite, command, log):
     from e2rnas_tf import genotypes as genotypes_lib
     from e2rnas_tf import plots
 
-    _check(config)
     export_base = export_base or os.path.join(workdir, "serving")
     robust_key = (config.robust.attack, f"{float(config.robust.eps):g}")
     points = []

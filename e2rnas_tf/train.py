@@ -453,6 +453,9 @@ def train(config, workdir, *, overwrite=False):
             f"{config.batch_size} in {len(train_data)} training images). "
             f"Received: steps_per_epoch={config.steps_per_epoch}")
 
+    # From here on the run owns the workdir; no other process may write
+    # it at the same time (the lock is taken before anything is deleted).
+    lock = checkpointing.WorkdirLock(workdir).acquire()
     _init_workdir(workdir, config_dict, genotype, stale)
 
     size = info.image_size
@@ -626,6 +629,7 @@ def train(config, workdir, *, overwrite=False):
         if profiler:
             profiler.stop()
         writer.flush()
+        lock.release()
     if preempted:
         return {"preempted": preempted, "steps": step, "workdir": workdir,
                 "checkpoint": checkpoint.latest}

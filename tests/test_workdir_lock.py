@@ -1,0 +1,81 @@
+"""One process per work directory (checkpointing.WorkdirLock)."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from e2rnas_tf import checkpointing
+from tests.conftest import REPO
+
+HOLD = """
+import sys, time
+from e2rnas_tf import checkpointing
+lock = checkpointing.WorkdirLock(sys.argv[1]).acquire()
+print("locked", flush=True)
+time.sleep(600)
+"""
+
+
+def _holder(workdir, env):
+    proc = subprocess.Popen([sys.executable, "-c", HOLD, workdir], env=env,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_lock_in_the_same_process_is_refused(tmp_path):
+    first = checkpointing.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(checkpointing.WorkdirBusyError,
+                       match=f"pid {os.getpid()}"):
+        checkpointing.WorkdirLock(str(tmp_path)).acquire()
+    first.release()
+    with checkpointing.WorkdirLock(str(tmp_path)):
+        pass
+
+
+def test_lock_of_a_killed_process_is_free_again(tmp_path, subprocess_env):
+    proc = _holder(str(tmp_path), subprocess_env)
+    try:
+        with pytest.raises(checkpointing.WorkdirBusyError) as info:
+            checkpointing.WorkdirLock(str(tmp_path)).acquire()
+        assert f"pid {proc.pid}" in str(info.value)
+        assert "in use by another e2rnas process" in str(info.value)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    # SIGKILL leaves the file but not the lock.
+    assert os.path.exists(tmp_path / checkpointing.WorkdirLock.FILENAME)
+    checkpointing.WorkdirLock(str(tmp_path)).acquire().release()
+
+
+def _search_cmd(workdir):
+    return [sys.executable, "-m", "e2rnas_tf", "search",
+            "--config=configs/search_demo.py", f"--workdir={workdir}",
+            "--config.epochs=1", "--config.steps_per_epoch=1",
+            "--config.model.layers=3", "--config.model.channels=4",
+            "--config.data.image_size=8", "--config.data.num_train=64",
+            "--config.data.num_test=16", "--config.batch_size=8",
+            "--config.eval_batch_size=16"]
+
+
+def test_search_into_a_busy_workdir_is_refused(tmp_path, subprocess_env):
+    workdir = str(tmp_path / "run")
+    proc = _holder(workdir, subprocess_env)
+    try:
+        result = subprocess.run(_search_cmd(workdir), cwd=str(REPO),
+                                env=subprocess_env, capture_output=True,
+                                text=True, timeout=600)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert result.returncode == 2, result.stderr[-2000:]
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == (f"e2rnas search: error: {workdir} is in use by another "
+                    f"e2rnas process (pid {proc.pid}); wait for it to "
+                    "finish or use another --workdir")
+    # Nothing of the search was written.
+    assert os.listdir(workdir) == [checkpointing.WorkdirLock.FILENAME]
