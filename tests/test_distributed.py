@@ -34,6 +34,7 @@ import subprocess
 import sys
 
 import numpy as np
+from tests.config_util import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIMITIVES = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")
@@ -42,13 +43,7 @@ BATCH = 8
 
 
 def _set(config, overrides):
-    for key, value in overrides.items():
-        node = config
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
-    return config
+    return set_fields(config, overrides)
 
 
 def search_config(**overrides):

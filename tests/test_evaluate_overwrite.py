@@ -12,6 +12,7 @@ from e2rnas_tf import cli
 from e2rnas_tf import config_lib
 from e2rnas_tf import evaluate
 from e2rnas_tf import export as export_lib
+from tests.config_util import set_fields
 
 
 def _config(**overrides):
@@ -21,12 +22,7 @@ def _config(**overrides):
     c.evaluate.attacks = ("fgsm",)
     c.evaluate.epsilons = (2.0,)
     c.evaluate.batch_size = 8
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+    set_fields(c, overrides)
     c.lock()
     return c
 

@@ -21,6 +21,7 @@ from e2rnas_tf import objectives as obj_lib
 from e2rnas_tf import search
 from e2rnas_tf import search_step as step_lib
 from e2rnas_tf.search_space import SearchNetwork
+from tests.config_util import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIMITIVES = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"]
@@ -53,12 +54,7 @@ def tiny_config(**overrides):
     c.resource.params_constraint = "none"
     c.objectives = ["acc"]
     c.log_every = 1000
-    for key, value in overrides.items():
-        node = c
-        *path, last = key.split(".")
-        for part in path:
-            node = node[part]
-        node[last] = value
+    set_fields(c, overrides)
     c.lock()
     return c
 
