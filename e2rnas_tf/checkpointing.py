@@ -399,14 +399,14 @@ class WorkdirLock:
     second `e2rnas reproduce` over a running one) would interleave their
     checkpoints and truncate each other's metrics. The lock is an
     advisory `flock` on ``<workdir>/.e2rnas.lock``, which holds the owner's
-    pid; the kernel releases it when the owner exits, however it exits
-    (SIGKILL included), so a crashed run never leaves a stale lock.
+    pid and is removed on release. The kernel drops the lock when the
+    owner exits however it exits (SIGKILL included), so a crashed run
+    leaves at most a stale file, never a stale lock.
 
     Example:
 
-    >>> lock = WorkdirLock("runs/demo").acquire()
-    >>> ...  # the run
-    >>> lock.release()
+    >>> with WorkdirLock("runs/demo"):
+    ...     pass  # the run
     """
 
     FILENAME = ".e2rnas.lock"
@@ -415,29 +415,48 @@ class WorkdirLock:
         self.path = os.path.join(workdir, self.FILENAME)
         self._fd = None
 
+    def _busy(self, fd):
+        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        return WorkdirBusyError(
+            f"{os.path.dirname(self.path)} is in use by another e2rnas "
+            f"process (pid {owner}); wait for it to finish or use "
+            "another --workdir")
+
     def acquire(self):
         """Takes the lock or raises `WorkdirBusyError`; returns self."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as e:
-            owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                error = self._busy(fd) if e.errno in (
+                    errno.EWOULDBLOCK, errno.EACCES) else e
+                os.close(fd)
+                raise error from None
+            # The previous owner may have removed the file between our
+            # open and flock: then we hold a lock nobody else can see.
+            try:
+                current = os.stat(self.path)
+            except FileNotFoundError:
+                current = None
+            mine = os.fstat(fd)
+            if current is not None and (current.st_ino, current.st_dev) \
+                    == (mine.st_ino, mine.st_dev):
+                break
             os.close(fd)
-            if e.errno not in (errno.EWOULDBLOCK, errno.EACCES):
-                raise
-            raise WorkdirBusyError(
-                f"{os.path.dirname(self.path)} is in use by another e2rnas "
-                f"process (pid {owner}); wait for it to finish or use "
-                "another --workdir") from None
         os.ftruncate(fd, 0)
         os.write(fd, f"{os.getpid()}\n".encode())
         self._fd = fd
         return self
 
     def release(self):
-        """Releases the lock (the file stays; it is harmless)."""
+        """Removes the lock file and releases the lock."""
         if self._fd is not None:
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass
             fcntl.flock(self._fd, fcntl.LOCK_UN)
             os.close(self._fd)
             self._fd = None

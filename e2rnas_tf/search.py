@@ -33,6 +33,7 @@ Reference:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -243,6 +244,14 @@ def search(config, workdir, *, overwrite=False, log=print):
     Reference:
         https://arxiv.org/abs/2011.09820
     """
+    # The run holds its workdir's lock (checkpointing.WorkdirLock) from
+    # its first write until it returns or raises.
+    with contextlib.ExitStack() as stack:
+        return _search(config, workdir, overwrite=overwrite, log=log,
+                       stack=stack)
+
+
+def _search(config, workdir, *, overwrite=False, log=print, stack):
     objectives = step_lib.check_objectives(config.objectives)
     if config.eval_on not in EVAL_SPLITS:
         raise ValueError(f"Expected config.eval_on in {list(EVAL_SPLITS)}. "
@@ -318,7 +327,7 @@ def search(config, workdir, *, overwrite=False, log=print):
     # The set-up succeeded: from here on the run owns the workdir (a
     # non-chief worker: its scratch directory), and no other process may
     # write it at the same time.
-    lock = checkpointing.WorkdirLock(workdir).acquire()
+    stack.enter_context(checkpointing.WorkdirLock(workdir))
     init_workdir(workdir, config)
     checkpoint = run_checkpoint(workdir)
     history_path = os.path.join(workdir, "alpha_history.npz")
@@ -469,7 +478,6 @@ def search(config, workdir, *, overwrite=False, log=print):
         guard.__exit__()
         metrics_file.close()
         writer.close()
-        lock.release()
     if preempted:
         return dict(preempted=preempted, steps=int(step.iterations.numpy()),
                     checkpoint=checkpoint.latest, workdir=workdir)

@@ -33,6 +33,7 @@ Reference:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -418,6 +419,13 @@ def train(config, workdir, *, overwrite=False):
     >>> config.data.image_size, config.epochs = 16, 1
     >>> train(config, "/tmp/run")["best_accuracy"]  # doctest: +SKIP
     """
+    # The run holds its workdir's lock (checkpointing.WorkdirLock) from
+    # its first write until it returns or raises.
+    with contextlib.ExitStack() as stack:
+        return _train(config, workdir, overwrite=overwrite, stack=stack)
+
+
+def _train(config, workdir, *, overwrite=False, stack):
     _check_config(config)
     runtime.configure(config)
     # Before any TensorFlow op: MultiWorkerMirroredStrategy configures the
@@ -455,7 +463,7 @@ def train(config, workdir, *, overwrite=False):
 
     # From here on the run owns the workdir; no other process may write
     # it at the same time (the lock is taken before anything is deleted).
-    lock = checkpointing.WorkdirLock(workdir).acquire()
+    stack.enter_context(checkpointing.WorkdirLock(workdir))
     _init_workdir(workdir, config_dict, genotype, stale)
 
     size = info.image_size
@@ -629,7 +637,6 @@ def train(config, workdir, *, overwrite=False):
         if profiler:
             profiler.stop()
         writer.flush()
-        lock.release()
     if preempted:
         return {"preempted": preempted, "steps": step, "workdir": workdir,
                 "checkpoint": checkpoint.latest}

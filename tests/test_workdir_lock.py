@@ -33,8 +33,11 @@ def test_second_lock_in_the_same_process_is_refused(tmp_path):
                        match=f"pid {os.getpid()}"):
         checkpointing.WorkdirLock(str(tmp_path)).acquire()
     first.release()
+    lock_file = tmp_path / checkpointing.WorkdirLock.FILENAME
+    assert not lock_file.exists()   # removed on release
     with checkpointing.WorkdirLock(str(tmp_path)):
-        pass
+        assert lock_file.read_text().strip() == str(os.getpid())
+    assert not lock_file.exists()
 
 
 def test_lock_of_a_killed_process_is_free_again(tmp_path, subprocess_env):
