@@ -238,3 +238,32 @@ def test_unknown_variant_is_one_line(subprocess_env, tmp_path):
     last = proc.stderr.strip().splitlines()[-1]
     assert last.startswith("e2rnas reproduce: error:") and "huge" in last
     assert "Traceback" not in proc.stderr
+
+
+def test_paper_variant_has_the_papers_settings():
+    from configs import reproduce as reproduce_config
+    from configs import sweep as sweep_config
+
+    default_search = config_lib.search_config()
+    default_train = config_lib.train_config()
+    for c in (reproduce_config.get_config("paper"),
+              sweep_config.get_config("paper")):
+        s, t = c.search, c.train
+        assert c.data.name == "cifar10"
+        # DARTS / E2RNAS search: 8 cells, C=16, batch 64, 50 epochs at
+        # 32x32 on the whole training set, no warm-up.
+        assert (s.model.layers, s.model.channels, s.batch_size, s.epochs) \
+            == (8, 16, 64, 50)
+        assert (s.data.image_size, s.data.num_train, s.arch.warmup_epochs) \
+            == (0, 0, 0)
+        assert s.optim.to_dict() == default_search.optim.to_dict()
+        assert s.arch.lr == default_search.arch.lr == 3e-4
+        # Retraining: 20 cells, C=36, 600 epochs, cutout, drop-path, aux.
+        assert (t.model.layers, t.model.channels, t.epochs, t.batch_size) \
+            == (20, 36, 600, 96)
+        assert (t.data.cutout, t.model.drop_path,
+                t.model.auxiliary_weight) == (16, 0.2, 0.4)
+        assert t.optim.to_dict() == default_train.optim.to_dict()
+        assert t.evaluate.num_examples == 0
+        assert tuple(t.evaluate.epsilons) == (2.0, 8.0)
+    assert tuple(reproduce_config.get_config("paper").seeds) == (0, 1, 2)
