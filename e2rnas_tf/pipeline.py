@@ -42,13 +42,19 @@ def _jsonable(value):
     return str(value)
 
 
-def write_json(path, value):
-    """Writes ``value`` as JSON atomically (temp file, then rename)."""
+def write_text(path, text):
+    """Writes ``text`` atomically (temp file, then rename): a reader never
+    sees half a file, and an interrupted write leaves the old one."""
     tmp = f"{path}.tmp"
     with open(tmp, "w") as f:
-        json.dump(_jsonable(value), f, indent=2, sort_keys=False)
-        f.write("\n")
+        f.write(text)
     os.replace(tmp, path)
+
+
+def write_json(path, value):
+    """Writes ``value`` as JSON atomically (see `write_text`)."""
+    write_text(path, json.dumps(_jsonable(value), indent=2,
+                                sort_keys=False) + "\n")
 
 
 def read_json(path):

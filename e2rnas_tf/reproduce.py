@@ -227,11 +227,8 @@ def write_results(results_dir, records, config, meta):
             labels=METHODS)
     pipeline.write_json(os.path.join(results_dir, "results.json"),
                         {"meta": meta, "summary": summary, "runs": records})
-    text = format_results(records, summary, meta)
-    tmp = os.path.join(results_dir, "results.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(results_dir, "results.md"))
+    pipeline.write_text(os.path.join(results_dir, "results.md"),
+                        format_results(records, summary, meta))
     return summary
 
 

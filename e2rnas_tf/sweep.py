@@ -175,8 +175,12 @@ def export_front(points, export_base, model_name, exports_path, *,
     Versions are assigned in order of increasing parameters. Returns
     ``{setting: version directory}`` (also written to ``exports_path``).
     """
+    import keras
+
     from e2rnas_tf import export as export_lib
 
+    # The served models compute in float32, whatever the training policy.
+    keras.mixed_precision.set_global_policy("float32")
     exports = pipeline.read_json(exports_path) or {}
     front = sorted((p for p in points if p["pareto"]),
                    key=lambda p: p["params_m"])
@@ -184,8 +188,6 @@ def export_front(points, export_base, model_name, exports_path, *,
         previous = exports.get(p["name"])
         if previous and os.path.isdir(previous):
             continue
-        import keras
-        keras.mixed_precision.set_global_policy("float32")
         model = export_lib.load_checkpoint(p["model_path"])
         figures = {k: p[k] for k in ("name", "objectives", "target",
                                      "params_m", "macs_m", "clean",
@@ -273,11 +275,8 @@ def _sweep(config, workdir, *, export_base, overwrite, command, log):
                                     config.model_name)}
     pipeline.write_json(os.path.join(results_dir, "sweep.json"),
                         {"meta": meta, "points": points})
-    text = format_sweep(points, meta)
-    tmp = os.path.join(results_dir, "sweep.md.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, os.path.join(results_dir, "sweep.md"))
+    pipeline.write_text(os.path.join(results_dir, "sweep.md"),
+                        format_sweep(points, meta))
     log(f"sweep: results in {results_dir}/sweep.md; Pareto-optimal: "
         f"{[p['name'] for p in points if p['pareto']]}")
     return {"points": points, "exports": exports, "results_dir": results_dir}
