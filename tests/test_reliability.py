@@ -418,6 +418,17 @@ def test_train_sigterm_saves_exits_0_and_resumes_identically(
     assert [r["epoch"] for r in records] == [0, 1]
 
 
+def _kill_point(when):
+    """When to SIGKILL a run: "first_files" = while (or right after) its
+    first checkpoint is written; "step_N" = once a checkpoint of step N
+    or later is complete."""
+    if when == "first_files":
+        return lambda w: bool(list((pathlib.Path(w) / "checkpoints")
+                                   .glob("ckpt-*")))
+    target = int(when.split("_")[1])
+    return lambda w: (_manifest_step(w) or 0) >= target
+
+
 # Killed during the first checkpoint write stays in the default suite (a
 # fast representative); later kills are slow.
 @pytest.mark.parametrize("when", [
@@ -428,17 +439,8 @@ def test_train_sigkill_then_resume_is_identical(train_reference, tmp_path,
     config_path, reference = train_reference
     workdir = tmp_path / "run"
     command = _command("train", config_path, workdir)
-    if when == "first_files":
-        # Killed while (or right after) the first checkpoint is written.
-        def ready(w):
-            return bool(list((pathlib.Path(w) / "checkpoints")
-                             .glob("ckpt-*")))
-    else:
-        target = int(when.split("_")[1])
-
-        def ready(w):
-            return (_manifest_step(w) or 0) >= target
-    code, _, _ = _start_and_signal(command, workdir, signal.SIGKILL, ready)
+    code, _, _ = _start_and_signal(command, workdir, signal.SIGKILL,
+                                   _kill_point(when))
     assert code == -signal.SIGKILL
     result = _run(command)
     assert result.returncode == 0, result.stderr[-3000:]
@@ -526,16 +528,8 @@ def test_search_sigkill_then_resume_is_identical(search_reference, tmp_path,
                                                  when):
     workdir = tmp_path / "run"
     command = _search_command(workdir)
-    if when == "first_files":
-        def ready(w):
-            return bool(list((pathlib.Path(w) / "checkpoints")
-                             .glob("ckpt-*")))
-    else:
-        target = int(when.split("_")[1])
-
-        def ready(w):
-            return (_manifest_step(w) or 0) >= target
-    code, _, _ = _start_and_signal(command, workdir, signal.SIGKILL, ready)
+    code, _, _ = _start_and_signal(command, workdir, signal.SIGKILL,
+                                   _kill_point(when))
     assert code == -signal.SIGKILL
     result = _run(command)
     assert result.returncode == 0, result.stderr[-3000:]
