@@ -121,36 +121,46 @@ def make_strategy(config):
     TensorFlow op: the multi-worker strategy configures collective ops,
     which TensorFlow allows only at program start.
 
-    ``config.jit_compile`` compiles each whole distributed step with XLA,
-    which works on one local device (and, on GPUs, across workers); a
-    mirrored strategy over several devices, or a multi-worker run on CPUs,
-    with ``jit_compile`` raises ValueError.
+    ``config.jit_compile`` works with every strategy: see `jit_scope` for
+    what XLA compiles when there are several replicas.
     """
     name = config.strategy.name
     if name not in STRATEGIES:
         raise ValueError(
             f"Expected config.strategy.name in {list(STRATEGIES)}. "
             f"Received: {name!r}")
-    jit = bool(config.get("jit_compile", False))
     if name == "default":
         return tf.distribute.get_strategy()
     if name == "mirrored":
-        devices = mirrored_devices(config)
-        count = (len(devices) if devices is not None
-                 else max(len(tf.config.list_logical_devices("GPU")), 1))
-        if jit and count > 1:
-            # The steps compile the whole distributed step (strategy.run
-            # included); XLA cannot place one cluster on several devices.
-            raise ValueError(
-                "Expected config.jit_compile=False with a mirrored strategy "
-                "over several devices (XLA compiles the whole distributed "
-                f"step, on one device). Received: {count} devices")
-        return tf.distribute.MirroredStrategy(devices=devices)
-    if jit and not tf.config.list_logical_devices("GPU"):
-        raise ValueError(
-            "Expected config.jit_compile=False for a multi-worker run on "
-            "CPUs: XLA has no CPU collectives. Received: jit_compile=True")
+        return tf.distribute.MirroredStrategy(devices=mirrored_devices(config))
     return tf.distribute.MultiWorkerMirroredStrategy()
+
+
+JIT_SCOPES = ("none", "step", "replica")
+
+
+def jit_scope(jit_compile, num_replicas):
+    """What XLA compiles in a step: ``none``, ``step`` or ``replica``.
+
+    ``step`` (one replica): the whole step, updates included, one XLA
+    program. ``replica`` (several replicas, local or across workers): an
+    XLA program runs on one device and XLA:CPU has no collectives, so only
+    each replica's own computation is compiled (its forward and backward
+    passes and attacks, once per device); the all-reduces between the
+    replicas, the MGDA solve and the variable updates run as TensorFlow ops
+    around those programs. Both give the results of the uncompiled step to
+    float32 rounding (tests/test_xla_precision.py, test_distributed.py).
+
+    Args:
+        jit_compile: ``config.jit_compile``.
+        num_replicas: ``strategy.num_replicas_in_sync``.
+
+    Returns:
+        One of `JIT_SCOPES`.
+    """
+    if not jit_compile:
+        return "none"
+    return "step" if int(num_replicas) == 1 else "replica"
 
 
 def task(config=None):

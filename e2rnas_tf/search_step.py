@@ -10,7 +10,9 @@ that calls `tf.distribute.Strategy.run` on the per-replica step. Inside a
 replica every gradient and loss is all-reduced (summed, the losses being
 pre-scaled to the global batch) before it is used, so every replica solves
 the same MGDA problem and applies the same update; variables are only
-written through `merge_call` + `extended.update`.
+written through `merge_call` + `extended.update`. Under ``jit_compile``
+XLA compiles the whole step with one replica, and each replica's forward
+and backward passes and attacks with several (`runtime.jit_scope`).
 
 Reference:
     Yue, Lin, Huang, Zhang. Effective, Efficient and Robust Neural
@@ -27,6 +29,7 @@ import tensorflow as tf
 
 from e2rnas_tf import mgda
 from e2rnas_tf import objectives as obj_lib
+from e2rnas_tf import runtime
 
 OBJECTIVES = ("acc", "adv", "params", "flops")
 NETWORK_OBJECTIVES = ("acc", "adv")
@@ -339,9 +342,20 @@ class SearchStep(tf.Module):
         self.arch_optimizer = AdamL2(alpha, config.arch.beta1,
                                      config.arch.beta2,
                                      config.arch.weight_decay)
+        self.jit_scope = runtime.jit_scope(
+            config.jit_compile, self.strategy.num_replicas_in_sync)
+        if self.jit_scope == "replica":
+            # Each replica's own passes as XLA programs on its device (traced
+            # per device and per kind); everything that crosses replicas
+            # stays outside them. The wrappers look the forward pass up at
+            # trace time, so a replaced `_forward` (tests) is honoured.
+            self._network_loss_grads = tf.function(
+                self._network_loss_grads, autograph=False, jit_compile=True)
+            self._attack = tf.function(self._attack, autograph=False,
+                                       jit_compile=True)
         self._compiled = tf.function(
             self._distributed_step, autograph=False,
-            jit_compile=bool(config.jit_compile))
+            jit_compile=self.jit_scope == "step")
 
     # -- schedules ---------------------------------------------------------
 
@@ -401,8 +415,12 @@ class SearchStep(tf.Module):
             grads = [g / self.loss_scale for g in grads]
         return loss, logits, grads
 
-    def _attack(self, images, labels, attack_cfg, seed):
-        return obj_lib.attack(self._forward, images, labels, attack_cfg, seed)
+    def _attack(self, images, labels, which, seed):
+        """The adversarial images of ``which`` attack: ``valid`` (the adv
+        objective's, ``config.attack``) or ``train`` (``adv_train``'s)."""
+        cfg = (self.config.attack if which == "valid"
+               else self.config.adv_train.attack)
+        return obj_lib.attack(self._forward, images, labels, cfg, seed)
 
     def _resource_loss_grads(self, kind, alpha):
         r = self.config.resource
@@ -464,7 +482,7 @@ class SearchStep(tf.Module):
         for name in self.objectives:
             if name in NETWORK_OBJECTIVES:
                 if name == "adv":
-                    images = self._attack(xv, yv, cfg.attack, seed)
+                    images = self._attack(xv, yv, "valid", seed)
                 else:
                     images = xv
                 loss, logits, grads = self._network_loss_grads(
@@ -574,7 +592,7 @@ class SearchStep(tf.Module):
                              for a, s in zip(new_alpha, alpha_saved)])
 
         if cfg.adv_train.enabled:
-            xt = self._attack(xt, yt, cfg.adv_train.attack, seed + 1)
+            xt = self._attack(xt, yt, "train", seed + 1)
         w_saved = [tf.identity(_raw(v)) for v in w_vars]
         train_loss, logits, g_w = self._network_loss_grads(xt, yt, "w")
         train_acc = self._acc(logits, yt)

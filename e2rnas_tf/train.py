@@ -258,11 +258,11 @@ def make_train_step(model, optimizer, strategy, config):
     num_adv = int(round(adv.ratio * per_replica)) if adv.enabled else 0
     seed = int(config.seed)
 
-    def replica_step(images, labels, step):
-        # Runs once per replica, inside `strategy.run`.
-        ctx = tf.distribute.get_replica_context()
+    scope = runtime.jit_scope(config.jit_compile, replicas)
+
+    def replica_grads(images, labels, step, replica):
+        # This replica's own computation: attack, forward and backward.
         if num_adv:
-            replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
             attack_seed = tf.stack([tf.constant(seed, tf.int64),
                                     step * replicas + replica])
             # Training-mode forwards, as fast adversarial training does
@@ -274,9 +274,7 @@ def make_train_step(model, optimizer, strategy, config):
         with tf.GradientTape() as tape:
             # Drop-path masks from (seed, step, replica): resumable.
             drop_seed = tf.stack([tf.constant(seed + 1, tf.int64),
-                                  step * replicas + tf.cast(
-                                      ctx.replica_id_in_sync_group,
-                                      tf.int64)])
+                                  step * replicas + replica])
             logits, aux_logits = model.call_with_aux(
                 images, training=True, drop_seed=drop_seed)
             ce = objectives.cross_entropy(logits, labels)
@@ -289,6 +287,20 @@ def make_train_step(model, optimizer, strategy, config):
             # the global batch, independent of the number of replicas.
             scaled = optimizer.scale_loss(loss / replicas)
         grads = tape.gradient(scaled, variables)
+        return loss, ce, aux_ce, objectives.accuracy(logits, labels), grads
+
+    if scope == "replica":
+        # One XLA program per device; the all-reduce and the update stay
+        # outside it (`runtime.jit_scope`).
+        replica_grads = tf.function(replica_grads, autograph=False,
+                                    jit_compile=True)
+
+    def replica_step(images, labels, step):
+        # Runs once per replica, inside `strategy.run`.
+        ctx = tf.distribute.get_replica_context()
+        replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
+        loss, ce, aux_ce, accuracy, grads = replica_grads(
+            images, labels, step, replica)
         # Clip the global gradient (the sum over replicas), not each
         # replica's share: all-reduce first.
         grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
@@ -307,8 +319,7 @@ def make_train_step(model, optimizer, strategy, config):
             grads = [g / replicas for g in grads]
         optimizer.apply(grads, variables)
         return {
-            "loss": loss, "ce": ce, "aux_ce": aux_ce,
-            "accuracy": objectives.accuracy(logits, labels),
+            "loss": loss, "ce": ce, "aux_ce": aux_ce, "accuracy": accuracy,
             "grad_norm": norm / scale, "loss_scale": scale,
         }
 
@@ -339,7 +350,7 @@ def make_train_step(model, optimizer, strategy, config):
         return out
 
     return tf.function(step_fn, autograph=False,
-                       jit_compile=bool(config.jit_compile))
+                       jit_compile=scope == "step")
 
 
 def make_eval_step(model, strategy, config):
@@ -359,13 +370,19 @@ def make_eval_step(model, strategy, config):
                 "correct": tf.reduce_sum(hits * valid),
                 "count": tf.reduce_sum(valid)}
 
+    scope = runtime.jit_scope(config.jit_compile,
+                              strategy.num_replicas_in_sync)
+    if scope == "replica":
+        replica_eval = tf.function(replica_eval, autograph=False,
+                                   jit_compile=True)
+
     def eval_fn(images, labels, valid):
         out = strategy.run(replica_eval, args=(images, labels, valid))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for k, v in out.items()}
 
     return tf.function(eval_fn, autograph=False,
-                       jit_compile=bool(config.jit_compile))
+                       jit_compile=scope == "step")
 
 
 def evaluate_clean(eval_fn, strategy, test, batch_size):

@@ -317,17 +317,18 @@ def test_json_lines_append(tmp_path):
 
 
 def test_refused_cell_gets_a_row_with_the_projects_reason(tmp_path):
-    # XLA over a 2-device mirrored strategy: refused by runtime before any
-    # model is built, so this runs one short subprocess.
+    # A genotype the project cannot resolve: its ValueError comes before
+    # any model is built, so this runs one short subprocess.
     out = str(tmp_path / "m")
     assert matrix.main(["--out", out, "--configs", "C", "--workloads",
-                        "pgd", "--xla", "on", "--precision", "float32",
-                        "--devices", "2", "--steps", "1", "--warmup",
-                        "0"]) == 0
+                        "pgd", "--xla", "off", "--precision", "float32",
+                        "--devices", "1", "--steps", "1", "--warmup",
+                        "0", "--genotype", "NO_SUCH_GENOTYPE"]) == 0
     [record] = matrix.read_records(os.path.join(out, "results.jsonl"))
     assert record["status"] == "refused"
-    assert "jit_compile=False with a mirrored strategy" in record["reason"]
+    assert "'NO_SUCH_GENOTYPE' is neither a published name" in \
+        record["reason"]
     table = open(os.path.join(out, "table.md")).read()
-    assert "| refused |" in table and "mirrored strategy" in table
+    assert "| refused |" in table and "NO_SUCH_GENOTYPE" in table
     assert json.dumps(record)  # JSON-ready
     assert np.isfinite(record["load_start"])

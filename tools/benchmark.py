@@ -25,9 +25,10 @@ Execution (as the project's runtime config): ``--xla on`` sets
 ``config.jit_compile``; ``--precision`` sets ``config.mixed_precision``;
 ``--devices 2`` splits the CPU into two logical devices
 (``strategy.cpu_devices=2``) and replicates with ``strategy.name=mirrored``,
-the global batch unchanged. A setting the project refuses (e.g. XLA with a
-mirrored strategy over 2 devices) is reported as ``refused`` with the
-project's one-line reason.
+the global batch unchanged; ``--xla on --devices 2`` compiles each
+replica's computation (`runtime.jit_scope`). A setting the project refuses
+(its ValueError, e.g. an unknown ``--genotype``) is reported as ``refused``
+with the project's one-line reason.
 
 Reported per run (one JSON line per run with ``--json out.jsonl``):
 
@@ -661,12 +662,20 @@ def _pgd_workload(args, record):
         hits = tf.equal(tf.argmax(model_fn(adv), -1, output_type=tf.int32), y)
         return tf.reduce_sum(tf.cast(hits, tf.float32))
 
+    # As the project's steps: with several replicas XLA compiles each
+    # replica's attack, the reduction stays outside.
+    scope = runtime.jit_scope(config.jit_compile,
+                              strategy.num_replicas_in_sync)
+    if scope == "replica":
+        replica_fn = tf.function(replica_fn, autograph=False,
+                                 jit_compile=True)
+
     def step_fn(x, y, seed):
         out = strategy.run(replica_fn, args=(x, y, seed))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
 
     compiled = tf.function(step_fn, autograph=False,
-                           jit_compile=bool(config.jit_compile))
+                           jit_compile=scope == "step")
     images, labels = _synthetic(strategy, config.batch_size, size, 0)
     seed = tf.constant([0, 1], tf.int32)
     record.update(genotype=args.genotype, attack=f"pgd-{PGD_STEPS} eps "

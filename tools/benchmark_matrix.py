@@ -4,8 +4,8 @@ Each cell (config x workload x XLA x precision x devices) runs in a FRESH
 subprocess, one after the other, so that peak-memory figures and caches
 never mix between cells, with a per-cell timeout (the child's process
 group is killed). Every cell gets a row, including those that fail, time
-out or that the project refuses (e.g. XLA with a mirrored strategy over 2
-devices), with a one-line reason.
+out or that the project refuses (a ValueError from the project, e.g. an
+unknown genotype), with a one-line reason.
 
 Outputs in ``--out``: ``results.jsonl`` (one JSON line per cell, from the
 child or, if it died, from this driver), ``table.md`` (rewritten after
