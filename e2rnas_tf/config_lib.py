@@ -155,13 +155,14 @@ def train_config():
     # `e2rnas evaluate`: cleverhans L-inf attacks (fgsm | pgd | bim | mim),
     # eps and step_size in /255 (step 0 = eps / 4); PGD restarts from
     # random starts count an example robust only if it survives all;
-    # num_examples > 0 evaluates a seeded subset of the test split.
+    # num_examples > 0 evaluates a seeded subset of the test split. seed
+    # picks that subset and the PGD random starts; -1: the run's seed.
     # Tuples, so that the command line can override them:
     # --config.evaluate.epsilons='(2.0, 8.0)'.
     c.evaluate = ml_collections.ConfigDict(dict(
         attacks=("fgsm", "pgd", "mim"), epsilons=(1.0, 2.0, 8.0),
         pgd_steps=10, step_size=0.0, restarts=1, random_start=True,
-        num_examples=0, batch_size=256))
+        num_examples=0, batch_size=256, seed=-1))
     # Non-finite steps are skipped; this many in a row stop the run.
     c.max_consecutive_skips = 10
     runtime_config(c)
@@ -231,8 +232,10 @@ def set_pipeline_scale(c, variant):
       Evaluation on 1,000 test images, PGD-10.
     - ``tiny``: a few steps of each stage on the embedded subset (tests).
 
-    All variants evaluate FGSM and PGD at 2/255 and 8/255 and load
-    CIFAR-10 through tfds (``c.data.name = "cifar10"``) except ``tiny``.
+    All variants evaluate FGSM and PGD at 2/255 and 8/255, every run on
+    the same test images with the same PGD random starts (evaluation seed
+    0, whatever the run's seed), and load CIFAR-10 through tfds
+    (``c.data.name = "cifar10"``) except ``tiny``.
     """
     if variant not in PIPELINE_VARIANTS:
         raise ValueError(f"Expected a variant in {list(PIPELINE_VARIANTS)}. "
@@ -242,6 +245,8 @@ def set_pipeline_scale(c, variant):
     ev = t.evaluate
     ev.attacks = ("fgsm", "pgd")
     ev.epsilons = (2.0, 8.0)
+    # Methods and seeds are compared on the same images.
+    ev.seed = 0
     c.data.name = "embedded" if variant == "tiny" else "cifar10"
     if variant == "paper":
         ev.pgd_steps = 20

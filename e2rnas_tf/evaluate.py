@@ -32,6 +32,7 @@ Reference:
 from __future__ import annotations
 
 import datetime
+import glob
 import json
 import os
 import time
@@ -710,12 +711,18 @@ def write_summaries(logdir, report):
     epsilon (/255) as the step, so each attack is a curve of accuracy
     against budget in TensorBoard.
 
+    The directory holds one evaluation, the report's: event files of an
+    earlier evaluation there (the report it replaced) are removed once the
+    new file is written, so TensorBoard never shows two curves at one step.
+
     Args:
         logdir: event file directory (a run's ``tb/evaluation``).
         report: an `evaluate_model` report.
     """
     import tensorflow as tf
 
+    old = (glob.glob(os.path.join(logdir, "events.out.tfevents.*"))
+           if os.path.isdir(logdir) else [])
     writer = tf.summary.create_file_writer(logdir)
     with writer.as_default():
         tf.summary.scalar("eval/clean_accuracy", report["clean_accuracy"],
@@ -725,6 +732,8 @@ def write_summaries(logdir, report):
                 tf.summary.scalar(f"eval/{name}_accuracy", accuracy,
                                   step=int(round(float(eps))))
     writer.close()
+    for path in old:
+        os.remove(path)
 
 
 # Fields of config.data that decide the test images an evaluation sees
@@ -733,12 +742,23 @@ _TEST_DATA_FIELDS = ("name", "root", "data_dir", "image_size", "num_test",
                      "seed")
 
 
+def evaluation_seed(config):
+    """The seed of the test subset and the PGD random starts:
+    ``config.evaluate.seed``, or the run's ``config.seed`` if it is -1."""
+    seed = config.evaluate.get("seed", -1)
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < -1:
+        raise EvaluationError(
+            "Expected config.evaluate.seed to be an integer >= 0, or -1 for "
+            f"the run's seed. Received: {seed!r}")
+    return int(config.seed) if seed == -1 else seed
+
+
 def _identity(config, checkpoint):
     """What decides an evaluation's numbers, as stored in its report."""
     data = {k: config.data.get(k) for k in _TEST_DATA_FIELDS}
     return {"checkpoint": os.path.abspath(checkpoint),
             "evaluate_config": config.evaluate.to_dict(), "data": data,
-            "seed": int(config.seed)}
+            "seed": evaluation_seed(config)}
 
 
 def _differences(old, new, prefix=""):
@@ -841,6 +861,7 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
     # Bad settings fail before the model and data are loaded.
     _check_settings(ev.attacks, ev.epsilons, ev.pgd_steps, ev.step_size,
                     ev.restarts, ev.num_examples, ev.batch_size)
+    seed = evaluation_seed(config)
     runtime.configure(config)
     # Evaluation computes in float32 whatever the training precision was
     # (see float32_model); layers created during loading follow this.
@@ -855,8 +876,8 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
     model = export_lib.load_checkpoint(path)
 
     _, test, info = data_lib.load(config.data)
-    test = _subset(test, int(ev.num_examples), config.seed)
-    dataset = data_lib.batches(test, int(ev.batch_size), seed=config.seed,
+    test = _subset(test, int(ev.num_examples), seed)
+    dataset = data_lib.batches(test, int(ev.batch_size), seed=seed,
                                epoch=0, training=False)
     image_shape = (info.image_size, info.image_size, 3)
     model(tf.zeros((1,) + image_shape), training=False)  # builds if needed
@@ -866,7 +887,7 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
         model, dataset, attacks=tuple(ev.attacks),
         epsilons=tuple(ev.epsilons), pgd_steps=int(ev.pgd_steps),
         step_size=float(ev.step_size), restarts=int(ev.restarts),
-        num_examples=0, seed=int(config.seed),
+        num_examples=0, seed=seed,
         random_start=bool(ev.get("random_start", True)),
         jit_compile=bool(config.jit_compile))
 

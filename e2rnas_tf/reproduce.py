@@ -198,11 +198,14 @@ def _describe_data(config):
     where = {"folder": d.root, "embedded": "the package's CIFAR-10 subset"
              }.get(d.name, f"tfds, data_dir={d.data_dir or 'default'}")
     s, t = config.search.data, config.train.data
+    ev = config.train.evaluate
+    seed = ev.get("seed", -1)
+    same = (f"the same images and PGD starts for every run (evaluation seed "
+            f"{seed})" if seed >= 0 else "chosen by each run's seed")
     return (f"{d.name} ({where}); search on {s.num_train or 'all'} training "
             f"images at {s.image_size or 'native'} px, retraining on "
             f"{t.num_train or 'all'} at {t.image_size or 'native'} px, "
-            f"evaluation on {config.train.evaluate.num_examples or 'all'} "
-            "test images")
+            f"evaluation on {ev.num_examples or 'all'} test images, {same}")
 
 
 def write_results(results_dir, records, config, meta):

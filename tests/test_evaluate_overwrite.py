@@ -121,6 +121,79 @@ def test_the_same_evaluation_is_rerun(checkpoint, tmp_path):
     assert third["clean_accuracy"] == first["clean_accuracy"]
 
 
+def _tb_scalars(out):
+    """``(number of event files, {tag: {step: value}})`` of the report's
+    TensorBoard directory."""
+    import tensorflow as tf
+
+    files = sorted((out / "tb" / "evaluation").glob("events.out.tfevents.*"))
+    scalars = {}
+    for path in files:
+        for event in tf.compat.v1.train.summary_iterator(str(path)):
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, {})[event.step] = float(
+                    tf.make_ndarray(value.tensor))
+    return len(files), scalars
+
+
+def test_tensorboard_holds_only_the_current_evaluation(checkpoint, tmp_path):
+    out = tmp_path / "out"
+    evaluate.evaluate(_config(), checkpoint, str(out), log=_quiet)
+    again = evaluate.evaluate(_config(), checkpoint, str(out), log=_quiet)
+    count, scalars = _tb_scalars(out)
+    # A rerun replaced the event file instead of adding a second one.
+    assert count == 1
+    assert scalars["eval/clean_accuracy"] == {
+        0: pytest.approx(again["clean_accuracy"])}
+    assert scalars["eval/fgsm_accuracy"] == {
+        2: pytest.approx(again["robust_accuracy"]["fgsm"]["2"])}
+    # --overwrite with other budgets: only the new evaluation's curve.
+    eight = evaluate.evaluate(_config(**{"evaluate.epsilons": (8.0,)}),
+                              checkpoint, str(out), overwrite=True,
+                              log=_quiet)
+    count, scalars = _tb_scalars(out)
+    assert count == 1
+    assert scalars["eval/fgsm_accuracy"] == {
+        8: pytest.approx(eight["robust_accuracy"]["fgsm"]["8"])}
+
+
+def test_evaluation_seed_fixes_the_subset_whatever_the_run_seed(
+        checkpoint, tmp_path):
+    # evaluate.seed=-1 (default): the run's seed picks the subset.
+    by_run = evaluate.evaluate(_config(seed=3), checkpoint,
+                               str(tmp_path / "a"), log=_quiet)
+    assert by_run["seed"] == 3
+    # A fixed evaluation seed: runs of any seed see the same images.
+    fixed = [evaluate.evaluate(_config(seed=s, **{"evaluate.seed": 3}),
+                               checkpoint, str(tmp_path / f"s{s}"),
+                               log=_quiet) for s in (0, 1)]
+    for report in fixed:
+        assert report["seed"] == 3
+        for key in ("clean_accuracy", "robust_accuracy"):
+            assert report[key] == by_run[key]
+    chosen = [evaluate._subset(_FakeData(100), 8, s).labels for s in (0, 3)]
+    assert list(chosen[0]) != list(chosen[1])  # the seed matters
+    with pytest.raises(evaluate.EvaluationError,
+                       match=r"config.evaluate.seed to be an integer >= 0, "
+                             r"or -1 for the run's seed. Received: -2"):
+        evaluate.evaluate(_config(**{"evaluate.seed": -2}), checkpoint,
+                          str(tmp_path / "bad"), log=_quiet)
+    assert not (tmp_path / "bad").exists()
+
+
+class _FakeData:
+    """Test data whose labels are their indices."""
+
+    def __init__(self, n):
+        import numpy as np
+
+        self.images = np.zeros((n, 1, 1, 3), np.uint8)
+        self.labels = np.arange(n, dtype=np.int32)
+
+    def __len__(self):
+        return len(self.labels)
+
+
 def test_an_unreadable_report_is_refused(checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
