@@ -217,6 +217,24 @@ def mirrored_main():
     net, init, m_metrics, m_alphas = run_search(mirrored, cfg, 1)
     ref_cfg = search_config()
     ref_net, _, r_metrics, r_alphas = run_search(single, ref_cfg, 2, init)
+    check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol)
+    check_same_weights(mirrored, net.weight_variables,
+                       ref_net.weight_variables, tol)
+    # Full-batch statistics give a different step: the ghost batches matter.
+    _, _, plain_metrics, _ = run_search(single, ref_cfg, 1, init)
+    assert not np.isclose(plain_metrics[0]["objective/acc"],
+                          m_metrics[0]["objective/acc"], rtol=1e-4)
+    print("search OK")
+
+    # -- retraining ------------------------------------------------------------
+    check_train_matches(mirrored, {"strategy.name": "mirrored",
+                                   "strategy.cpu_devices": 2}, tol)
+    print("train OK")
+
+
+def check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol):
+    """The replicas' alphas are bit-identical and, with the last step's
+    metrics, equal the reference's within ``tol``."""
     for step, (m_alpha, r_alpha) in enumerate(zip(m_alphas, r_alphas)):
         for replicas, ref in zip(m_alpha, r_alpha):
             a, b = replicas
@@ -228,31 +246,30 @@ def mirrored_main():
         np.testing.assert_allclose(m_metrics[-1][key], value, err_msg=key,
                                    **tol)
     assert m_metrics[-1]["skipped"] == 0.0
-    for mv, rv in zip(net.weight_variables, ref_net.weight_variables):
+
+
+def check_same_weights(mirrored, variables, ref_variables, tol):
+    """Both replicas' copies are identical and equal the reference's."""
+    for mv, rv in zip(variables, ref_variables):
         a, b = local_values(mirrored, mv)
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, rv.numpy(), err_msg=mv.path, **tol)
-    # Full-batch statistics give a different step: the ghost batches matter.
-    _, _, plain_metrics, _ = run_search(single, ref_cfg, 1, init)
-    assert not np.isclose(plain_metrics[0]["objective/acc"],
-                          m_metrics[0]["objective/acc"], rtol=1e-4)
-    print("search OK")
 
-    # -- retraining ------------------------------------------------------------
-    tcfg = train_config(**{"strategy.name": "mirrored",
-                           "strategy.cpu_devices": 2})
-    model, init, m_metrics = run_train(mirrored, tcfg, 1)
-    ref_model, _, r_metrics = run_train(single, train_config(), 2, init)
+
+def check_train_matches(mirrored, overrides, tol):
+    """Training steps under ``mirrored`` with the train config
+    ``overrides`` equal the uncompiled single-device ghost-batch steps."""
+    import tensorflow as tf
+
+    model, init, m_metrics = run_train(mirrored, train_config(**overrides), 1)
+    ref_model, _, r_metrics = run_train(tf.distribute.get_strategy(),
+                                        train_config(), 2, init)
     for key in ("loss", "accuracy", "grad_norm"):
         np.testing.assert_allclose([m[key] for m in m_metrics],
                                    [r[key] for r in r_metrics],
                                    err_msg=key, **tol)
-    for mv, rv in zip(model.trainable_variables,
-                      ref_model.trainable_variables):
-        a, b = local_values(mirrored, mv)
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(a, rv.numpy(), err_msg=mv.path, **tol)
-    print("train OK")
+    check_same_weights(mirrored, model.trainable_variables,
+                       ref_model.trainable_variables, tol)
 
 
 def mirrored_xla_main():
@@ -283,30 +300,10 @@ def mirrored_xla_main():
     net, init, m_metrics, m_alphas = run_search(mirrored, cfg, 1, steps=2)
     _, _, r_metrics, r_alphas = run_search(
         single, search_config(**{"arch.order": "second"}), 2, init, steps=2)
-    for step, (m_alpha, r_alpha) in enumerate(zip(m_alphas, r_alphas)):
-        for replicas, ref in zip(m_alpha, r_alpha):
-            a, b = replicas
-            np.testing.assert_array_equal(a, b)
-            np.testing.assert_allclose(a, ref[0], err_msg=f"step {step}",
-                                       **tol)
-    for key, value in r_metrics[-1].items():
-        np.testing.assert_allclose(m_metrics[-1][key], value, err_msg=key,
-                                   **tol)
-    assert m_metrics[-1]["skipped"] == 0.0
+    check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol)
     print("search OK")
 
-    tcfg = train_config(**overrides)
-    model, init, m_metrics = run_train(mirrored, tcfg, 1)
-    ref_model, _, r_metrics = run_train(single, train_config(), 2, init)
-    for key in ("loss", "accuracy", "grad_norm"):
-        np.testing.assert_allclose([m[key] for m in m_metrics],
-                                   [r[key] for r in r_metrics],
-                                   err_msg=key, **tol)
-    for mv, rv in zip(model.trainable_variables,
-                      ref_model.trainable_variables):
-        a, b = local_values(mirrored, mv)
-        np.testing.assert_array_equal(a, b)
-        np.testing.assert_allclose(a, rv.numpy(), err_msg=mv.path, **tol)
+    check_train_matches(mirrored, overrides, tol)
     print("train OK")
 
 
