@@ -53,6 +53,7 @@ Reference:
 from __future__ import annotations
 
 import math
+import os
 
 import keras
 import numpy as np
@@ -152,11 +153,40 @@ def grouped_pointwise(x, kernel):
             is edge ``m``'s 1x1 kernel.
 
     Returns:
-        ``[N, H, W, M * D]``, edge-major. A grouped convolution: on CPU it
-        was as fast as or faster than a block-diagonal matmul, a batched
-        matmul or per-edge convolutions at 8 to 64 channels.
+        ``[N, H, W, M * D]``, edge-major. A grouped convolution where
+        TensorFlow can differentiate one (`grouped_conv_differentiable`): on
+        CPU it was as fast as or faster than a block-diagonal matmul, a
+        batched matmul or per-edge convolutions at 8 to 64 channels.
+        Elsewhere (a CPU without oneDNN, float16 on a CPU) the same
+        products as an einsum, whose gradient every backend has.
     """
-    return tf.nn.conv2d(x, kernel, 1, "VALID")
+    if grouped_conv_differentiable(x.dtype):
+        return tf.nn.conv2d(x, kernel, 1, "VALID")
+    c = kernel.shape[2]
+    m = x.shape[-1] // c
+    d = kernel.shape[3] // m
+    lead = tf.shape(x)[:3]
+    per_edge = tf.reshape(x, tf.concat([lead, [m, c]], 0))
+    kernels = tf.transpose(tf.reshape(kernel, [c, m, d]), [1, 0, 2])
+    y = tf.einsum("nhwmc,mcd->nhwmd", per_edge, kernels)
+    return tf.reshape(y, tf.concat([lead, [m * d]], 0))
+
+
+def grouped_conv_differentiable(dtype):
+    """Whether TensorFlow has the backprop kernels of a grouped convolution.
+
+    Its CPU kernels have them only through oneDNN (on by default on x86
+    Linux; off with ``TF_ENABLE_ONEDNN_OPTS=0`` and in some other builds)
+    and not in float16; GPUs (cuDNN) and XLA have them. Read at trace time.
+    """
+    if tf.config.list_logical_devices("GPU"):
+        return True
+    try:
+        from tensorflow.python.util import _pywrap_util_port
+        onednn = _pywrap_util_port.IsMklEnabled()
+    except (ImportError, AttributeError):  # a build without the query
+        onednn = os.environ.get("TF_ENABLE_ONEDNN_OPTS", "1") != "0"
+    return bool(onednn) and tf.as_dtype(dtype) != tf.float16
 
 
 def _batch_norm(y, moving_mean, moving_var, scale, training):

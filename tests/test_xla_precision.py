@@ -173,13 +173,13 @@ def test_bfloat16_training_step_is_close_to_float32(policy):
     np.testing.assert_allclose(m16[0]["loss"], m32[0]["loss"], rtol=3e-2)
 
 
-def _float16_step(init, loss_scale):
+def _float16_step(init, loss_scale, cell_impl="reference"):
     single = tf.distribute.get_strategy()
     cfg = search_config(mixed_precision="mixed_float16")
     from e2rnas_tf.search_space import SearchNetwork
     net = SearchNetwork(channels=4, num_classes=10, layers=3, steps=2,
                         multiplier=2, primitives=cfg.model.primitives,
-                        alpha_seed=0, cell_impl="reference")
+                        alpha_seed=0, cell_impl=cell_impl)
     net.build((None, 8, 8, 3))
     restore(init, net)
     step = search_step.SearchStep(net, cfg, num_classes=10, image_size=8,
@@ -192,8 +192,9 @@ def _float16_step(init, loss_scale):
 def test_float16_loss_scale_is_removed_before_mgda(policy):
     single = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
-    # Reference cells: TF has no CPU float16 kernel for the backprop of the
-    # fused cell's grouped 1x1 convolutions (GPUs have one, in cuDNN).
+    # Reference cells: the fused cells' float16 grouped 1x1 convolutions
+    # are einsums on a CPU (no CPU float16 grouped-conv backprop), not the
+    # kernels a GPU runs; test_float16_fused_cells_run_on_cpu covers them.
     reference = {"model.cell_impl": "reference"}
     _, init, m32, _ = run_search(single, search_config(**reference), 1)
     policy("mixed_float16")
@@ -222,3 +223,22 @@ def test_float16_loss_scale_is_removed_before_mgda(policy):
     assert over["skipped"] == 1.0
     assert over["loss_scale"] == 2.0 ** 29
     np.testing.assert_array_equal(net.alpha_normal.numpy(), initial(init, "alpha_normal"))
+
+
+def test_float16_fused_cells_run_on_cpu(policy):
+    """The default fused cells under mixed_float16 on a CPU: their grouped
+    1x1 convolutions fall back to einsums (TF's CPU kernels cannot
+    differentiate a float16 grouped convolution), the step runs, alpha
+    stays float32 and the objectives are float32's to float16 accuracy."""
+    single = tf.distribute.get_strategy()
+    keras.utils.set_random_seed(0)
+    fused = {"model.cell_impl": "fused"}
+    _, init, m32, _ = run_search(single, search_config(**fused), 1)
+    policy("mixed_float16")
+    net, _, m16 = _float16_step(init, 2.0 ** 12, cell_impl="fused")
+    assert net.stem_conv.compute_dtype == "float16"
+    assert m16["skipped"] == 0.0
+    assert all(a.dtype == "float32" for a in net.arch_variables)
+    for name in ("acc", "adv", "params"):
+        np.testing.assert_allclose(m16[f"objective/{name}"],
+                                   m32[0][f"objective/{name}"], rtol=1e-2)
