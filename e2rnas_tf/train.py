@@ -372,12 +372,19 @@ def make_eval_step(model, strategy, config):
 
     scope = runtime.jit_scope(config.jit_compile,
                               strategy.num_replicas_in_sync)
+    run_replica = replica_eval
     if scope == "replica":
-        replica_eval = tf.function(replica_eval, autograph=False,
-                                   jit_compile=True)
+        compiled = tf.function(replica_eval, autograph=False,
+                               jit_compile=True)
+
+        def run_replica(images, labels, valid):
+            # Called from a plain replica function: handed a tf.function
+            # itself, strategy.run would compile every replica into one
+            # XLA program (across devices, which fails).
+            return compiled(images, labels, valid)
 
     def eval_fn(images, labels, valid):
-        out = strategy.run(replica_eval, args=(images, labels, valid))
+        out = strategy.run(run_replica, args=(images, labels, valid))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for k, v in out.items()}
 

@@ -270,6 +270,7 @@ def check_train_matches(mirrored, overrides, tol):
                                    err_msg=key, **tol)
     check_same_weights(mirrored, model.trainable_variables,
                        ref_model.trainable_variables, tol)
+    return model
 
 
 def mirrored_xla_main():
@@ -303,8 +304,25 @@ def mirrored_xla_main():
     check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol)
     print("search OK")
 
-    check_train_matches(mirrored, overrides, tol)
+    model = check_train_matches(mirrored, overrides, tol)
     print("train OK")
+
+    # The evaluation step, each replica's inference compiled: 12 test
+    # images in batches of 8 (the last one padded and masked).
+    from e2rnas_tf import data as data_lib
+    from e2rnas_tf import train as train_lib
+
+    rng = np.random.default_rng(4)
+    test = data_lib.ArrayData(
+        rng.integers(0, 256, (12, 8, 8, 3)).astype(np.uint8),
+        rng.integers(0, 10, 12).astype(np.int32))
+    results = [train_lib.evaluate_clean(
+        train_lib.make_eval_step(model, mirrored,
+                                 train_config(**{**overrides,
+                                                 "jit_compile": jit})),
+        mirrored, test, BATCH) for jit in (True, False)]
+    np.testing.assert_allclose(results[0], results[1], **tol)
+    print("eval OK")
 
 
 MW_STEPS = 2
@@ -416,6 +434,7 @@ def test_mirrored_xla_compiles_each_replica_and_matches_single_device(
     result = run_script("mirrored_xla", env)
     assert result.returncode == 0, result.stdout + result.stderr[-4000:]
     assert "search OK" in result.stdout and "train OK" in result.stdout
+    assert "eval OK" in result.stdout
     modules = collections.Counter(
         re.sub(r"_\d+__$", "", m.group(1)) for m in
         (re.match(r"module_\d+\.a_inference_(.+?)\.\d+\.before_opt",
@@ -423,9 +442,9 @@ def test_mirrored_xla_compiles_each_replica_and_matches_single_device(
     # Second-order search: the gradients w.r.t. the weights (train loss),
     # alpha and weights (objectives at the virtual weights) and alpha (the
     # finite differences), and the adv objective's attack; training: its
-    # replica's gradients. Each on both devices.
+    # replica's gradients; evaluation: its inference. Each on both devices.
     assert modules == {"_network_loss_grads": 6, "_attack": 2,
-                       "replica_grads": 2}, modules
+                       "replica_grads": 2, "replica_eval": 2}, modules
 
 
 def test_jit_scope_and_strategies_with_xla():
