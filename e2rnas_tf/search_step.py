@@ -281,6 +281,11 @@ class SearchStep(tf.Module):
         ``train/loss``, ``train/acc``, ``valid/acc``, ``skipped``,
         ``consecutive_skips`` and, under mixed_float16, ``loss_scale``.
 
+    Attributes:
+        jit_scope: what XLA compiles under ``config.jit_compile``:
+            ``none``, ``step`` (one replica) or ``replica`` (several); see
+            `runtime.jit_scope`.
+
     Reference:
         https://arxiv.org/abs/2011.09820, https://arxiv.org/abs/1806.09055
     """
