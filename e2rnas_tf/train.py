@@ -374,14 +374,14 @@ def make_eval_step(model, strategy, config):
                               strategy.num_replicas_in_sync)
     run_replica = replica_eval
     if scope == "replica":
-        compiled = tf.function(replica_eval, autograph=False,
+        replica_xla = tf.function(replica_eval, autograph=False,
                                jit_compile=True)
 
         def run_replica(images, labels, valid):
             # Called from a plain replica function: handed a tf.function
             # itself, strategy.run would compile every replica into one
             # XLA program (across devices, which fails).
-            return compiled(images, labels, valid)
+            return replica_xla(images, labels, valid)
 
     def eval_fn(images, labels, valid):
         out = strategy.run(run_replica, args=(images, labels, valid))

@@ -668,12 +668,13 @@ def _pgd_workload(args, record):
                               strategy.num_replicas_in_sync)
     run_replica = replica_fn
     if scope == "replica":
-        compiled = tf.function(replica_fn, autograph=False, jit_compile=True)
+        replica_xla = tf.function(replica_fn, autograph=False,
+                                  jit_compile=True)
 
         def run_replica(x, y, seed):
             # Not the tf.function itself: strategy.run would compile all
             # replicas into one XLA program.
-            return compiled(x, y, seed)
+            return replica_xla(x, y, seed)
 
     def step_fn(x, y, seed):
         out = strategy.run(run_replica, args=(x, y, seed))
