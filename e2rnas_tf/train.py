@@ -375,7 +375,7 @@ def make_eval_step(model, strategy, config):
     run_replica = replica_eval
     if scope == "replica":
         replica_xla = tf.function(replica_eval, autograph=False,
-                               jit_compile=True)
+                                  jit_compile=True)
 
         def run_replica(images, labels, valid):
             # Called from a plain replica function: handed a tf.function
