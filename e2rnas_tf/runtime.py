@@ -163,6 +163,29 @@ def jit_scope(jit_compile, num_replicas):
     return "step" if int(num_replicas) == 1 else "replica"
 
 
+def per_replica_xla(fn):
+    """``fn`` as an XLA program on the device of the replica calling it.
+
+    For the ``replica`` `jit_scope`: ``tf.function(fn, jit_compile=True)``
+    is traced and compiled once per device. It is returned inside a plain
+    function because `tf.distribute.Strategy.run`, handed a `tf.function`
+    itself, wraps it around every replica: XLA would then get one program
+    reading every device's variables, and fail.
+
+    Args:
+        fn: a function of tensors, run in a replica context.
+
+    Returns:
+        A plain function with ``fn``'s signature.
+    """
+    compiled = tf.function(fn, autograph=False, jit_compile=True)
+
+    def call(*args, **kwargs):
+        return compiled(*args, **kwargs)
+
+    return call
+
+
 def task(config=None):
     """``(task_type, task_id, is_chief)`` of this process in its cluster.
 

@@ -354,10 +354,9 @@ class SearchStep(tf.Module):
             # per device and per kind); everything that crosses replicas
             # stays outside them. The wrappers look the forward pass up at
             # trace time, so a replaced `_forward` (tests) is honoured.
-            self._network_loss_grads = tf.function(
-                self._network_loss_grads, autograph=False, jit_compile=True)
-            self._attack = tf.function(self._attack, autograph=False,
-                                       jit_compile=True)
+            self._network_loss_grads = runtime.per_replica_xla(
+                self._network_loss_grads)
+            self._attack = runtime.per_replica_xla(self._attack)
         self._compiled = tf.function(
             self._distributed_step, autograph=False,
             jit_compile=self.jit_scope == "step")

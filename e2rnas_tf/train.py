@@ -292,8 +292,7 @@ def make_train_step(model, optimizer, strategy, config):
     if scope == "replica":
         # One XLA program per device; the all-reduce and the update stay
         # outside it (`runtime.jit_scope`).
-        replica_grads = tf.function(replica_grads, autograph=False,
-                                    jit_compile=True)
+        replica_grads = runtime.per_replica_xla(replica_grads)
 
     def replica_step(images, labels, step):
         # Runs once per replica, inside `strategy.run`.
@@ -372,19 +371,11 @@ def make_eval_step(model, strategy, config):
 
     scope = runtime.jit_scope(config.jit_compile,
                               strategy.num_replicas_in_sync)
-    run_replica = replica_eval
     if scope == "replica":
-        replica_xla = tf.function(replica_eval, autograph=False,
-                                  jit_compile=True)
-
-        def run_replica(images, labels, valid):
-            # Called from a plain replica function: handed a tf.function
-            # itself, strategy.run would compile every replica into one
-            # XLA program (across devices, which fails).
-            return replica_xla(images, labels, valid)
+        replica_eval = runtime.per_replica_xla(replica_eval)
 
     def eval_fn(images, labels, valid):
-        out = strategy.run(run_replica, args=(images, labels, valid))
+        out = strategy.run(replica_eval, args=(images, labels, valid))
         return {k: strategy.reduce(tf.distribute.ReduceOp.SUM, v, axis=None)
                 for k, v in out.items()}
 

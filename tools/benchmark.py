@@ -666,18 +666,11 @@ def _pgd_workload(args, record):
     # replica's attack, the reduction stays outside.
     scope = runtime.jit_scope(config.jit_compile,
                               strategy.num_replicas_in_sync)
-    run_replica = replica_fn
     if scope == "replica":
-        replica_xla = tf.function(replica_fn, autograph=False,
-                                  jit_compile=True)
-
-        def run_replica(x, y, seed):
-            # Not the tf.function itself: strategy.run would compile all
-            # replicas into one XLA program.
-            return replica_xla(x, y, seed)
+        replica_fn = runtime.per_replica_xla(replica_fn)
 
     def step_fn(x, y, seed):
-        out = strategy.run(run_replica, args=(x, y, seed))
+        out = strategy.run(replica_fn, args=(x, y, seed))
         return strategy.reduce(tf.distribute.ReduceOp.SUM, out, axis=None)
 
     compiled = tf.function(step_fn, autograph=False,
