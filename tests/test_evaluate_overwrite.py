@@ -6,10 +6,12 @@ import os
 import shutil
 
 import keras
+import numpy as np
 import pytest
 
 from e2rnas_tf import cli
 from e2rnas_tf import config_lib
+from e2rnas_tf import data as data_lib
 from e2rnas_tf import evaluate
 from e2rnas_tf import export as export_lib
 from tests.config_util import set_fields
@@ -171,7 +173,10 @@ def test_evaluation_seed_fixes_the_subset_whatever_the_run_seed(
         assert report["seed"] == 3
         for key in ("clean_accuracy", "robust_accuracy"):
             assert report[key] == by_run[key]
-    chosen = [evaluate._subset(_FakeData(100), 8, s).labels for s in (0, 3)]
+    # Labels that are their indices show which examples a seed picks.
+    indexed = data_lib.ArrayData(np.zeros((100, 1, 1, 3), np.uint8),
+                                 np.arange(100, dtype=np.int32))
+    chosen = [evaluate._subset(indexed, 8, s).labels for s in (0, 3)]
     assert list(chosen[0]) != list(chosen[1])  # the seed matters
     with pytest.raises(evaluate.EvaluationError,
                        match=r"config.evaluate.seed to be an integer >= 0, "
@@ -179,19 +184,6 @@ def test_evaluation_seed_fixes_the_subset_whatever_the_run_seed(
         evaluate.evaluate(_config(**{"evaluate.seed": -2}), checkpoint,
                           str(tmp_path / "bad"), log=_quiet)
     assert not (tmp_path / "bad").exists()
-
-
-class _FakeData:
-    """Test data whose labels are their indices."""
-
-    def __init__(self, n):
-        import numpy as np
-
-        self.images = np.zeros((n, 1, 1, 3), np.uint8)
-        self.labels = np.arange(n, dtype=np.int32)
-
-    def __len__(self):
-        return len(self.labels)
 
 
 def test_an_unreadable_report_is_refused(checkpoint, tmp_path):

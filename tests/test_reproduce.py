@@ -169,6 +169,8 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, subprocess_env):
                     ev["robust_accuracy"][attack][eps]
         assert r["params_m"] * 1e6 == pytest.approx(ev["params"])
         assert ev["num_examples"] == 16
+        # Seeds 0 and 1 are evaluated on the same images (seed 0).
+        assert ev["seed"] == 0
     for method in ("darts", "e2rnas", "equal"):
         clean = [r["clean"] for r in out["runs"] if r["method"] == method]
         stat = out["summary"][method]["clean"]
@@ -199,6 +201,7 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, subprocess_env):
     assert "| DARTS (accuracy only) | 2 |" in md
     assert "| E2RNAS (MGDA) | 2 |" in md and "±" in md
     assert "--config=configs/reproduce.py:tiny" in md
+    assert "the same images and PGD starts for every run" in md
     for run in runs:
         for cell in ("normal", "reduce"):
             with open(os.path.join(results, "cells",
