@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import costs
-from e2rnas_tf import objectives
+from e2rnas_tf import resources
 from e2rnas_tf import ops
 from e2rnas_tf import search_space
 
@@ -129,7 +129,7 @@ def test_search_network_matches_resource_table():
         net = search_space.SearchNetwork(channels=4, num_classes=10,
                                          layers=layers,
                                          cell_impl="reference")
-        table = objectives.resource_table(
+        table = resources.measured_table(
             "flops", channels=4, layers=layers, num_classes=10,
             image_size=size)
         total = (np.float64(table.const) + table.normal.astype(np.float64).sum()

@@ -1,6 +1,5 @@
-"""Tests for e2rnas_tf.objectives: losses, attacks, constraints and the
-expected resource cost, against analytic, NumPy and finite-difference
-references."""
+"""Tests for e2rnas_tf.objectives: losses, attacks and the OOD term,
+against analytic, NumPy and finite-difference references."""
 
 import keras
 import numpy as np
@@ -8,10 +7,7 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import config_lib
-from e2rnas_tf import costs
-from e2rnas_tf import genotypes
 from e2rnas_tf import objectives
-from e2rnas_tf import ops
 from e2rnas_tf import search_space
 
 EPS = 8.0 / 255.0
@@ -128,6 +124,54 @@ def test_fgsm_small_step_keeps_random_start():
     assert np.all(moved * sign >= -1e-7)
     assert np.mean(np.abs(moved) > 1e-4) > 0.5
     assert np.all(np.abs(adv - images) <= EPS + 1e-7)
+
+
+def test_fgsm_gradient_at_clean_is_the_authors_variant():
+    """The authors' upper-level FGSM: the step's sign comes from the
+    gradient at the clean image, added to the random start."""
+    images, labels, w, model_fn = _linear_problem(seed=2, classes=10)
+    seed = tf.constant([5, 6])
+    start = objectives.fgsm(model_fn, images, labels, eps=EPS, step_size=0.0,
+                            seed=seed).numpy() - images
+    sign_clean = _input_grad_sign(images, labels, w.numpy())
+    clean = objectives.fgsm(model_fn, images, labels, eps=EPS,
+                            step_size=1.25 * EPS, seed=seed,
+                            gradient_at="clean").numpy()
+    np.testing.assert_allclose(
+        clean,
+        np.clip(images + np.clip(start + 1.25 * EPS * sign_clean, -EPS, EPS),
+                0, 1), atol=1e-6)
+    # With ten classes the sign depends on the point: the default variant
+    # (gradient at the start) differs on some pixels.
+    sign_start = _input_grad_sign(images + start, labels, w.numpy())
+    assert np.any(sign_start != sign_clean)
+    ours = objectives.fgsm(model_fn, images, labels, eps=EPS,
+                           step_size=1.25 * EPS, seed=seed).numpy()
+    assert np.any(np.abs(ours - clean) > 1e-6)
+    with pytest.raises(ValueError, match="gradient_at"):
+        objectives.fgsm(model_fn, images, labels, eps=EPS, step_size=EPS,
+                        seed=seed, gradient_at="end")
+    cfg = config_lib.attack_config(name="pgd", steps=2, gradient_at="clean")
+    with pytest.raises(ValueError, match="gradient_at='start' for PGD"):
+        objectives.attack(model_fn, images, labels, cfg, seed)
+
+
+def test_ood_kl_against_numpy():
+    """PyTorch's F.kl_div(log_softmax(z), uniform) with its element-wise
+    mean: mean over n, k of (1/K)(log(1/K) - log p_nk)."""
+    rng = np.random.RandomState(1)
+    logits = rng.randn(6, 10).astype(np.float32) * 2
+    log_p = _log_softmax(logits.astype(np.float64))
+    expected = np.mean((1 / 10) * (np.log(1 / 10) - log_p))
+    assert float(objectives.ood_kl(logits)) == pytest.approx(expected,
+                                                             rel=1e-5)
+    # Per example it is KL(U || p) / K, zero for uniform answers.
+    kl = np.sum((1 / 10) * (np.log(1 / 10) - log_p), axis=1)
+    assert expected == pytest.approx(kl.mean() / 10)
+    assert float(objectives.ood_kl(tf.zeros([4, 10]))) == pytest.approx(0.0,
+                                                                        abs=1e-7)
+    assert objectives.ood_kl(tf.constant(logits, tf.float16)).dtype \
+        == tf.float32
 
 
 def test_attacks_are_deterministic_in_the_seed():
@@ -332,180 +376,6 @@ def test_pgd_stays_in_the_ball_on_a_nonlinear_model():
                          steps=4, seed=tf.constant([0, 3])).numpy()
     assert np.all(np.abs(adv - images) <= EPS + 1e-7)
     assert adv.min() >= 0.0 and adv.max() <= 1.0
-
-
-# ---------------------------------------------------------------------------
-# Constraints.
-
-
-@pytest.mark.parametrize("mode,values,grads", [
-    ("none", (2.0, 4.0), (1.0, 1.0)),
-    ("abs", (1.0, 1.0), (-1.0, 1.0)),
-    ("max", (0.0, 1.0), (0.0, 1.0)),
-    ("floor", (3.0, 4.0), (0.0, 1.0)),
-])
-def test_constrain(mode, values, grads):
-    target = tf.constant(3.0)
-    for cost, value, grad in zip((2.0, 4.0), values, grads):
-        c = tf.Variable(cost)
-        with tf.GradientTape() as tape:
-            out = objectives.constrain(c, target, mode)
-        assert out.dtype == tf.float32
-        assert float(out) == value
-        assert float(tape.gradient(out, c) or 0.0) == grad
-
-
-def test_constrain_rejects_unknown_mode():
-    with pytest.raises(ValueError, match="constraint mode"):
-        objectives.constrain(1.0, 1.0, "min")
-
-
-# ---------------------------------------------------------------------------
-# Resource tables.
-
-
-def _sep_macs(c, k, size, stride):
-    out = (-(-size // stride)) ** 2
-    return 2 * (out * k * k * c + out * c * c)
-
-
-def _dil_macs(c, k, size, stride):
-    out = (-(-size // stride)) ** 2
-    return out * k * k * c + out * c * c
-
-
-def test_flops_table_against_hand_formulas():
-    # layers=3: cell 0 normal (C=4 at 8x8); cells 1 and 2 reduce
-    # (C=8 from 8x8, C=16 from 4x4). Stem 12 channels.
-    t = objectives.resource_table("flops", channels=4, layers=3,
-                                  num_classes=10, image_size=8)
-    p = ops.PRIMITIVES.index
-    edges = search_space.edge_inputs(4)
-    e_in, e_mid = edges.index((0, 1)), edges.index((2, 3))
-    m = 1e6
-    assert t.normal[e_in, p("sep_conv_3x3")] * m == pytest.approx(
-        _sep_macs(4, 3, 8, 1), rel=1e-6)
-    assert t.normal[e_mid, p("dil_conv_5x5")] * m == pytest.approx(
-        _dil_macs(4, 5, 8, 1), rel=1e-6)
-    # Input edges of reduction cells have stride 2 ...
-    assert t.reduce[e_in, p("sep_conv_5x5")] * m == pytest.approx(
-        _sep_macs(8, 5, 8, 2) + _sep_macs(16, 5, 4, 2), rel=1e-6)
-    assert t.reduce[e_in, p("skip_connect")] * m == pytest.approx(
-        16 * 8 * 8 + 4 * 16 * 16, rel=1e-6)
-    # ... the others run at stride 1 on the reduced resolution.
-    assert t.reduce[e_mid, p("dil_conv_3x3")] * m == pytest.approx(
-        _dil_macs(8, 3, 4, 1) + _dil_macs(16, 3, 2, 1), rel=1e-6)
-    assert t.reduce[e_mid, p("skip_connect")] == 0
-    for name in ("none", "max_pool_3x3", "avg_pool_3x3"):
-        assert not t.normal[:, p(name)].any() and not t.reduce[:, p(name)].any()
-    const = (64 * 27 * 12            # stem
-             + 2 * 64 * 12 * 4       # cell 0 preprocessing
-             + 64 * 12 * 8 + 64 * 16 * 8    # cell 1
-             + 16 * 16 * 16 + 16 * 32 * 16  # cell 2: FactorizedReduce, 1x1
-             + 64 * 10)              # classifier
-    assert t.const * m == pytest.approx(const, rel=1e-6)
-
-
-def test_params_table_one_hot_and_const():
-    channels, layers, classes = 4, 5, 7
-    table = objectives.resource_table(
-        "params", channels=channels, layers=layers, num_classes=classes,
-        image_size=8)
-    # The supernet's own cells give the channel schedule independently.
-    net = search_space.SearchNetwork(channels=channels, num_classes=classes,
-                                     layers=layers)
-    rng = np.random.RandomState(0)
-    choice_n = rng.randint(0, 8, 14)
-    choice_r = rng.randint(0, 8, 14)
-    one_hot = lambda ch: tf.one_hot(ch, 8) * 1e4  # noqa: E731
-    w_n = tf.nn.softmax(one_hot(choice_n))
-    w_r = tf.nn.softmax(one_hot(choice_r))
-    counted = 0
-    for cell in net.cells:
-        choice = choice_r if cell.reduction else choice_n
-        for e, (_, j) in enumerate(search_space.edge_inputs(4)):
-            stride = 2 if cell.reduction and j < 2 else 1
-            op = ops.make_op(ops.PRIMITIVES[choice[e]], cell.channels, stride,
-                             affine=True)
-            op.build((1, 4, 4, cell.channels))
-            counted += costs.count_params(op)
-    total = objectives.expected_cost(w_n, w_r, table)
-    assert float(total - table.const) * 1e6 == pytest.approx(counted,
-                                                             rel=1e-6)
-    # Stem conv + affine BN, ReLU-conv-BN / FactorizedReduce preprocessing
-    # (both C_in * C weights + 2 C), classifier with bias.
-    c_stem = 3 * channels
-    const = 27 * c_stem + 2 * c_stem
-    c_pp = c_p = c_stem
-    for cell in net.cells:
-        c = cell.channels
-        const += c_pp * c + 2 * c + c_p * c + 2 * c
-        c_pp, c_p = c_p, 4 * c
-    const += c_p * classes + classes
-    assert table.const * 1e6 == pytest.approx(const, rel=1e-6)
-
-
-def test_published_darts_v2_size():
-    # DARTS (second order) at 36 channels, 20 cells: 3,349,342 parameters
-    # without the auxiliary head, as logged by the DARTS authors.
-    table = objectives.resource_table("params", channels=36, layers=20,
-                                      num_classes=10, image_size=32)
-    weights = objectives.genotype_weights(genotypes.PUBLISHED["DARTS_V2"])
-    cost = objectives.expected_cost(*weights, table)
-    assert float(cost) == pytest.approx(3.349342, abs=2e-6)
-
-
-def test_table_validation():
-    with pytest.raises(ValueError, match="kind"):
-        objectives.resource_table("latency", channels=4, layers=3,
-                                  num_classes=10, image_size=8)
-    with pytest.raises(ValueError, match="layers"):
-        objectives.resource_table("params", channels=4, layers=2,
-                                  num_classes=10, image_size=8)
-    table = objectives.resource_table("params", channels=4, layers=3,
-                                      num_classes=10, image_size=8)
-    with pytest.raises(ValueError, match="op weights"):
-        objectives.expected_cost(np.ones((14, 7)), np.ones((14, 7)), table)
-    with pytest.raises(ValueError):
-        table.normal[0, 0] = 1.0  # read-only
-
-
-@pytest.mark.parametrize("kind", ["params", "flops"])
-def test_expected_cost_gradient(kind):
-    table = objectives.resource_table(kind, channels=4, layers=3,
-                                      num_classes=10, image_size=8)
-    rng = np.random.RandomState(1)
-    alphas = [tf.Variable(rng.randn(14, 8).astype(np.float32))
-              for _ in range(2)]
-
-    def cost():
-        return objectives.expected_cost(tf.nn.softmax(alphas[0]),
-                                        tf.nn.softmax(alphas[1]), table)
-
-    with tf.GradientTape() as tape:
-        value = cost()
-    grads = tape.gradient(value, alphas)
-    for alpha, grad, t in zip(alphas, grads, (table.normal, table.reduce)):
-        w = tf.nn.softmax(alpha).numpy().astype(np.float64)
-        t = t.astype(np.float64)
-        # d/d alpha_k of sum_j w_j t_j = w_k (t_k - sum_j w_j t_j).
-        analytic = w * (t - (w * t).sum(-1, keepdims=True))
-        np.testing.assert_allclose(grad.numpy(), analytic, rtol=1e-4,
-                                   atol=1e-6 * np.abs(t).max())
-    # Finite differences along a random direction.
-    directions = [rng.randn(14, 8).astype(np.float32) for _ in range(2)]
-    h = 1e-2
-    original = [a.numpy() for a in alphas]
-
-    def shifted(sign):
-        for a, a0, d in zip(alphas, original, directions):
-            a.assign(a0 + sign * h * d)
-        return float(cost())
-
-    fd = (shifted(1) - shifted(-1)) / (2 * h)
-    expected = sum(float(np.sum(g.numpy() * d))
-                   for g, d in zip(grads, directions))
-    assert fd == pytest.approx(expected, rel=1e-2)
 
 
 # ---------------------------------------------------------------------------
