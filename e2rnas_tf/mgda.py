@@ -19,8 +19,10 @@ Conventions:
   lists, one per objective, `1 <= K <= 5`. A `None` entry (the loss does not
   depend on that variable, as `tf.GradientTape.gradient` reports) counts as
   zeros.
-- Weights are returned as a `[K]` float32 tensor. For every method they sum
-  to one, so the scale of the direction does not depend on the method.
+- Weights are returned as a `[K]` float32 tensor. For every method but
+  `"ones"` (the authors' "noMGDA": weight 1 each) they sum to one (up to the
+  authors' solver's 1e-7 offsets), so the scale of the direction does not
+  depend on the method.
 
 Reference:
     - [Sener & Koltun, 2018](https://arxiv.org/abs/1810.04650)
@@ -33,8 +35,11 @@ import itertools
 import tensorflow as tf
 
 NORMALIZATIONS = ("none", "l2", "loss", "loss+")
-METHODS = ("mgda", "sum", "fixed")
+METHODS = ("mgda", "sum", "ones", "fixed")
 APPLY_TO = ("normalized", "raw")
+# exact: every support solved (ours); authors: the E2RNAS authors'
+# MinNormSolver (min_norm_solvers.py), reproduced step by step.
+SOLVERS = ("exact", "authors")
 MAX_OBJECTIVES = 5
 
 # The Gram matrix is rescaled to a unit largest diagonal before solving, so the
@@ -297,6 +302,129 @@ def min_norm_weights(gram):
     return tf.cast(weights, tf.float32)
 
 
+# The authors' MinNormSolver constants (min_norm_solvers.py): iterations
+# (theirs never counts them, so it stops only on convergence), the
+# convergence threshold on the L1 change of the weights, and the vertex
+# clamps of the two-point solution.
+_AUTHORS_MAX_ITER = 250
+_AUTHORS_STOP = 1e-5
+_AUTHORS_VERTEX = (0.999, 0.001)
+# Added to every weight after solving (DARTS/architect.py at 9b66e4d).
+_AUTHORS_OFFSET = 1e-7
+
+
+def _authors_two_point(v11, v12, v22):
+    """Their ``_min_norm_element_from2``: ``(gamma, cost)`` of
+    ``min |gamma x1 + (1 - gamma) x2|^2`` with vertices clamped to
+    0.999 / 0.001 (vectorised over any shape)."""
+    upper, lower = _AUTHORS_VERTEX
+    denom = v11 + v22 - 2.0 * v12
+    safe = tf.where(denom > 0.0, denom, tf.ones_like(denom))
+    gamma = -(v12 - v22) / safe
+    cost = v22 + gamma * (v12 - v22)
+    at_first = v12 >= v11
+    at_second = tf.logical_not(at_first) & (v12 >= v22)
+    gamma = tf.where(at_first, tf.constant(upper, v11.dtype),
+                     tf.where(at_second, tf.constant(lower, v11.dtype), gamma))
+    cost = tf.where(at_first, v11, tf.where(at_second, v22, cost))
+    return gamma, cost
+
+
+def _authors_projection_to_simplex(y):
+    """Their ``_projection2simplex`` (sort-based Euclidean projection)."""
+    m = int(y.shape[0])
+    ordered = tf.sort(y, direction="DESCENDING")
+    default = (tf.reduce_sum(y) - 1.0) / m
+    partial = tf.cumsum(ordered)[:m - 1]
+    tmax = (partial - 1.0) / tf.range(1, m, dtype=y.dtype)
+    hits = tmax > ordered[1:]
+    first = tf.argmax(tf.cast(hits, tf.int32), output_type=tf.int32)
+    tmax_f = tf.where(tf.reduce_any(hits), tmax[first], default)
+    return tf.maximum(y - tmax_f, 0.0)
+
+
+def _authors_next_point(current, grad):
+    """Their ``_next_point``: a step along the projected gradient to the
+    simplex boundary, projected back."""
+    n = int(current.shape[0])
+    inf = tf.constant(float("inf"), current.dtype)
+    proj = grad - tf.reduce_sum(grad) / n
+    neg, pos = proj < 0.0, proj > 0.0
+    safe = tf.where(neg | pos, proj, tf.ones_like(proj))
+    tm1 = tf.where(neg, -current / safe, inf)
+    tm2 = tf.where(pos, (1.0 - current) / safe, inf)
+    ok1 = neg & (tm1 > 1e-7)
+    ok2 = pos & (tm2 > 1e-7)
+    t = tf.where(tf.reduce_any(ok1), tf.reduce_min(tf.where(ok1, tm1, inf)),
+                 tf.constant(1.0, current.dtype))
+    t = tf.where(tf.reduce_any(ok2),
+                 tf.minimum(t, tf.reduce_min(tf.where(ok2, tm2, inf))), t)
+    return _authors_projection_to_simplex(proj * t + current)
+
+
+def authors_min_norm_weights(gram):
+    """The E2RNAS authors' MGDA solver, reproduced in TensorFlow ops.
+
+    Their ``MinNormSolver.find_min_norm_element`` (after Sener & Koltun's
+    code): the best pair of gradients by the two-point closed form, whose
+    vertex solutions are clamped to 0.999 / 0.001 (so a gradient never gets
+    exactly zero weight), then, for ``K >= 3``, projected-gradient steps
+    on the simplex with an exact line search until the weights change by
+    less than 1e-5 (L1); finally 1e-7 is added to every weight, as their
+    ``architect.py`` does. Differences from theirs: at most 250 iterations
+    (their counter is never incremented), and the pair search has no 1e8
+    cap on the cost.
+
+    The clamps matter where one gradient is zero or dominated: `min_norm_
+    weights` then gives the other objectives exactly 0, theirs 0.001, and
+    Adam (nearly invariant to the scale of its input) turns a 0.001-weighted
+    gradient into a full-size step.
+
+    Args:
+        gram: ``[K, K]`` Gram matrix, ``1 <= K <= 5``, finite.
+
+    Returns:
+        A ``[K]`` float32 tensor (sums to 1 + K * 1e-7, not exactly 1).
+
+    Reference:
+        github.com/yuezhixiong/NAS-Benchmark, min_norm_solvers.py (commit
+        d10b60e) and DARTS/architect.py at 9b66e4d, lines 208-219;
+        https://arxiv.org/abs/1810.04650
+    """
+    gram, num = _static_size(gram)
+    if num == 1:
+        return tf.ones([1], tf.float32)
+    g = tf.cast(gram, tf.float64)
+    g = 0.5 * (g + tf.transpose(g))
+    pairs = list(itertools.combinations(range(num), 2))
+    ii = tf.constant([i for i, _ in pairs])
+    jj = tf.constant([j for _, j in pairs])
+    gamma, cost = _authors_two_point(
+        tf.gather_nd(g, tf.stack([ii, ii], 1)),
+        tf.gather_nd(g, tf.stack([ii, jj], 1)),
+        tf.gather_nd(g, tf.stack([jj, jj], 1)))
+    best = tf.argmin(cost, output_type=tf.int32)
+    sol = (tf.one_hot(ii[best], num, dtype=tf.float64) * gamma[best]
+           + tf.one_hot(jj[best], num, dtype=tf.float64) * (1.0 - gamma[best]))
+    if num >= 3:
+        def body(i, sol, done):
+            new_point = _authors_next_point(sol, -tf.linalg.matvec(g, sol))
+            v11 = tf.tensordot(sol, tf.linalg.matvec(g, sol), 1)
+            v12 = tf.tensordot(sol, tf.linalg.matvec(g, new_point), 1)
+            v22 = tf.tensordot(new_point, tf.linalg.matvec(g, new_point), 1)
+            nc, _ = _authors_two_point(v11, v12, v22)
+            new_sol = nc * sol + (1.0 - nc) * new_point
+            converged = tf.reduce_sum(tf.abs(new_sol - sol)) < _AUTHORS_STOP
+            # On convergence they return the previous point.
+            return i + 1, tf.where(converged, sol, new_sol), converged
+
+        _, sol, _ = tf.while_loop(
+            lambda i, sol, done: tf.logical_not(done) & (i < _AUTHORS_MAX_ITER),
+            body, (tf.constant(0), sol, tf.constant(False)),
+            maximum_iterations=_AUTHORS_MAX_ITER)
+    return tf.cast(sol + _AUTHORS_OFFSET, tf.float32)
+
+
 def normalize_gradients(grads, losses, mode):
     """Rescales each objective's gradient before the weights are solved.
 
@@ -384,16 +512,20 @@ def _fixed_weights(fixed_weights, num):
 
 
 def combine(grads, losses, *, method="mgda", normalization="l2",
-            fixed_weights=None, apply_to="normalized"):
+            fixed_weights=None, apply_to="normalized", solver="exact"):
     """Combines per-objective gradients into one architecture update.
 
     The gradients are first rescaled with `normalization` (see
     `normalize_gradients`), then weighted:
 
     - `"mgda"`: min-norm weights of the normalised gradients
-      (`min_norm_weights`).
+      (`min_norm_weights`, or `authors_min_norm_weights` with
+      `solver="authors"`).
     - `"sum"`: equal weights `1 / K` (the "equal weights" ablation); `1 / K`
       rather than 1 keeps the scale comparable with MGDA's simplex weights.
+    - `"ones"`: weight 1 on every objective: the authors' "noMGDA"
+      ablation (with `apply_to="raw"`, the gradient of the plain sum of the
+      objectives). Not on the simplex.
     - `"fixed"`: `fixed_weights`, divided by their sum.
 
     The direction is `sum_k c_k g_k` over the normalised gradients, or over
@@ -420,6 +552,7 @@ def combine(grads, losses, *, method="mgda", normalization="l2",
             not all zero. Must be `None` for other methods.
         apply_to: `"normalized"` or `"raw"`: which gradients the weights
             multiply.
+        solver: `"exact"` or `"authors"`, the min-norm solver of `"mgda"`.
 
     Returns:
         A tuple `(direction, weights, ok)`: `direction` is a list of tensors
@@ -441,6 +574,7 @@ def combine(grads, losses, *, method="mgda", normalization="l2",
     _check_choice("method", method, METHODS)
     _check_choice("normalization", normalization, NORMALIZATIONS)
     _check_choice("apply_to", apply_to, APPLY_TO)
+    _check_choice("solver", solver, SOLVERS)
     grads = _as_gradient_lists(grads)
     num = len(grads)
     if method == "fixed":
@@ -478,9 +612,14 @@ def combine(grads, losses, *, method="mgda", normalization="l2",
     if method == "mgda":
         gram = gram_matrix(normalized)
         ok = ok & _all_finite([gram])
-        weights = min_norm_weights(gram)
+        if solver == "exact":
+            weights = min_norm_weights(gram)
+        else:
+            weights = authors_min_norm_weights(gram)
     elif method == "sum":
         weights = tf.fill([num], 1.0 / num)
+    elif method == "ones":
+        weights = tf.ones([num])
     else:
         weights = constant_weights
 

@@ -412,3 +412,124 @@ def test_graph_and_xla_match_eager(num):
                                    atol=1e-5)
         for d, e in zip(direction, eager[0]):
             np.testing.assert_allclose(d.numpy(), e.numpy(), atol=1e-5)
+
+
+# ---------------------------------------------------------------------------
+# The authors' solver and their "noMGDA" ablation.
+
+
+def _authors_reference(gram):
+    """The authors' MinNormSolver, re-derived in NumPy from its description:
+    best pair by the clamped two-point rule, then projected-gradient steps
+    with a clamped exact line search until the L1 change is < 1e-5, then
+    +1e-7 on every weight."""
+    def two(a, d, b):  # <x1,x1>, <x1,x2>, <x2,x2>
+        if d >= a:
+            return 0.999, a
+        if d >= b:
+            return 0.001, b
+        g = (b - d) / (a + b - 2 * d)
+        return g, b + g * (d - b)
+
+    def to_simplex(y):
+        m = len(y)
+        s = np.sort(y)[::-1]
+        shift = (y.sum() - 1) / m
+        for i in range(m - 1):
+            t = (s[:i + 1].sum() - 1) / (i + 1)
+            if t > s[i + 1]:
+                shift = t
+                break
+        return np.maximum(y - shift, 0)
+
+    def next_point(cur, grad):
+        p = grad - grad.mean()
+        t1 = -cur[p < 0] / p[p < 0]
+        t2 = (1 - cur[p > 0]) / p[p > 0]
+        t = t1[t1 > 1e-7].min() if (t1 > 1e-7).any() else 1.0
+        if (t2 > 1e-7).any():
+            t = min(t, t2[t2 > 1e-7].min())
+        return to_simplex(p * t + cur)
+
+    n = len(gram)
+    best = None
+    for i in range(n):
+        for j in range(i + 1, n):
+            c, d = two(gram[i, i], gram[i, j], gram[j, j])
+            if best is None or d < best[0]:
+                best = (d, i, j, c)
+    sol = np.zeros(n)
+    sol[best[1]], sol[best[2]] = best[3], 1 - best[3]
+    if n >= 3:
+        for _ in range(250):
+            new = next_point(sol, -gram @ sol)
+            nc, _ = two(sol @ gram @ sol, sol @ gram @ new, new @ gram @ new)
+            step = nc * sol + (1 - nc) * new
+            if np.abs(step - sol).sum() < 1e-5:
+                break
+            sol = step
+    return sol + 1e-7
+
+
+def test_authors_solver_two_points_by_hand():
+    # A dominated pair: <g1,g2> >= |g1|^2 puts 0.999 on g1 (never 1).
+    w = mgda.authors_min_norm_weights(tf.constant([[1.0, 2.0], [2.0, 5.0]]))
+    np.testing.assert_allclose(w.numpy(), [0.999 + 1e-7, 0.001 + 1e-7],
+                               rtol=1e-6)
+    # A zero gradient: theirs keeps 0.001 on the other objective (the
+    # exact solver gives it 0), which Adam turns into a full-size step.
+    gram = tf.constant([[4.0, 0.0], [0.0, 0.0]])
+    np.testing.assert_allclose(mgda.authors_min_norm_weights(gram).numpy(),
+                               [0.001 + 1e-7, 0.999 + 1e-7], rtol=1e-6)
+    np.testing.assert_allclose(mgda.min_norm_weights(gram).numpy(), [0, 1])
+    # Interior: orthogonal unit and double vectors, c1 = 4 / 5.
+    w = mgda.authors_min_norm_weights(tf.constant([[1.0, 0.0], [0.0, 4.0]]))
+    np.testing.assert_allclose(w.numpy(), [0.8 + 1e-7, 0.2 + 1e-7],
+                               rtol=1e-6)
+
+
+@pytest.mark.parametrize("num", [3, 4, 5])
+@pytest.mark.parametrize("kind", KINDS)
+def test_authors_solver_matches_a_numpy_reference(num, kind):
+    for seed in range(4):
+        rows = _instance(kind, num, seed).astype(np.float64)
+        gram = rows @ rows.T
+        ours = mgda.authors_min_norm_weights(tf.constant(gram, tf.float32))
+        expected = _authors_reference(
+            gram.astype(np.float32).astype(np.float64))
+        np.testing.assert_allclose(ours.numpy(), expected, atol=1e-5)
+
+
+def test_authors_solver_nearly_optimal():
+    # Not exact, but close: within 1e-4 of the exact min-norm objective on
+    # random instances.
+    for seed in range(5):
+        rows = _instance("random", 4, seed, dim=12).astype(np.float64)
+        gram = rows @ rows.T
+        w = mgda.authors_min_norm_weights(tf.constant(gram, tf.float32))
+        w = w.numpy().astype(np.float64)
+        exact = mgda.min_norm_weights(tf.constant(gram, tf.float32))
+        exact = exact.numpy().astype(np.float64)
+        assert w @ gram @ w <= exact @ gram @ exact + 1e-4 * gram.max()
+
+
+def test_combine_with_authors_solver_and_ones():
+    rows = _instance("random", 3, seed=8)
+    grads = _grads_from_rows(rows)
+    direction, weights, ok = _combine_np(grads, losses=None, solver="authors",
+                                         apply_to="raw")
+    assert ok
+    unit = rows / np.linalg.norm(rows, axis=1, keepdims=True)
+    expected = _authors_reference((unit @ unit.T).astype(np.float64))
+    np.testing.assert_allclose(weights, expected, atol=1e-5)
+    flat = np.concatenate([d.ravel() for d in direction])
+    np.testing.assert_allclose(flat, expected @ rows, atol=1e-4)
+    # noMGDA: weight 1 on every raw gradient, the gradient of the plain sum.
+    direction, weights, ok = _combine_np(grads, losses=None, method="ones",
+                                         apply_to="raw")
+    assert ok
+    np.testing.assert_array_equal(weights, [1.0, 1.0, 1.0])
+    flat = np.concatenate([d.ravel() for d in direction])
+    np.testing.assert_allclose(flat, rows.sum(axis=0), atol=1e-5)
+    with pytest.raises(ValueError, match="solver"):
+        mgda.combine(grads, None, solver="frank-wolfe")
