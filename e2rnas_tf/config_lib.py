@@ -41,6 +41,9 @@ def attack_config(**overrides):
     c.step_size = 0.0      # /255; 0 = 1.25 * eps for fgsm, eps / 4 for pgd
     c.steps = 1            # pgd iterations
     c.random_start = True  # uniform start in the eps-ball
+    # fgsm: input gradient at the random start (Wong et al.) | at the clean
+    # image, the random start added afterwards (the authors' code).
+    c.gradient_at = "start"
     c.update(overrides)
     return c
 
@@ -104,23 +107,169 @@ def search_config():
         # that alpha is not steered by untrained weights, which favour
         # parameter-free ops (PC-DARTS, Xu et al. 2020, warm up 15 of 50).
         warmup_epochs=0))
-    # Any of acc, adv, params, flops. Tuples (here and below) so that the
-    # command line can override them: --config.objectives="('acc','params')".
+    # Any of acc, adv, params, flops, ood. Tuples (here and below) so that
+    # the command line can override them:
+    # --config.objectives="('acc','params')".
     c.objectives = ("acc", "adv", "params")
+    # The epoch (0-based) from which each objective joins the upper level
+    # (the authors' adv_later / nop_later); 0 = from the start.
+    c.objective_start = ml_collections.ConfigDict(dict(
+        acc=0, adv=0, params=0, flops=0, ood=0))
     c.combine = ml_collections.ConfigDict(dict(
-        method="mgda",           # mgda | sum | fixed
+        # mgda | sum (1/K each) | ones (1 each: the authors' noMGDA) | fixed
+        method="mgda",
         normalization="l2",      # none | l2 | loss | loss+
         weights=(),              # for method=fixed, one per objective
-        apply_to="normalized"))  # normalized | raw gradients
+        # normalized | raw: which gradients the weights multiply (the
+        # authors: raw, their weights multiply the losses themselves).
+        apply_to="normalized",
+        # exact (every support solved) | authors (their MinNormSolver,
+        # with its 0.999/0.001 vertex clamps), docs/fidelity.md.
+        solver="exact"))
     c.attack = attack_config()
-    # Resource objectives, in millions (parameters / multiply-adds) of the
-    # derived network at the evaluation scale below.
+    # Resource objectives (docs/fidelity.md, e2rnas_tf/resources.py).
     c.resource = ml_collections.ConfigDict(dict(
-        layers=20, channels=36,  # derived network the cost refers to
-        params_target=0.0, params_constraint="none",
-        flops_target=0.0, flops_constraint="none"))  # none|abs|max|floor
+        # The network the costs refer to, whatever the supernet's scale.
+        layers=20, channels=36,
+        # measured: every op built and counted at that scale, millions
+        # (ours) | authors: their closed forms, params /1e5, flops /1e8
+        # (the published run, with layers=8 channels=16) | authors_v1: the
+        # first version's parameter formula, raw counts.
+        cost_model="measured",
+        # expected: softmax-weighted over all edges (the paper) | derived:
+        # the value of the genotype the DARTS rule derives now, gradient of
+        # the expected one (ours) | gumbel: hard Gumbel-softmax sample.
+        estimate="expected",
+        gumbel_tau=0.1,
+        # Targets in the cost model's units; constraints: none | abs | max
+        # | floor | authors_max | authors_both (uses *_target_max) |
+        # authors_v1_min (resources.constrain).
+        params_target=0.0, params_target_max=0.0, params_constraint="none",
+        flops_target=0.0, flops_target_max=0.0, flops_constraint="none"))
+    # Out-of-distribution images: the `ood` objective (upper level) and a
+    # weighted term of the weights' loss (lower level), both
+    # objectives.ood_kl. Source: a tfds name (svhn_cropped, the authors'),
+    # `folder` (root/train/<class>/ images) or `noise` (uniform random
+    # images, offline); resized to the search's image size, no
+    # augmentation (the authors' "woOodAug").
+    c.ood = ml_collections.ConfigDict(dict(
+        name="svhn_cropped", root="", data_dir="", cache_dir="",
+        num_images=0,        # 0 = all (noise: 10,000)
+        upper_scale=10.0,    # the `ood` objective is upper_scale * KL
+        lower_weight=0.0,    # weights' loss: CE + lower_weight * KL
+        # lower_weight * epoch / epochs instead (0-based epoch): the
+        # authors' code when the published genotype was searched.
+        lower_ramp=False))
     runtime_config(c)
     return c
+
+
+# The authors' runs, as presets that set the algorithm and leave the scale
+# (cells, channels, image size, batch, epochs, data) to the caller: the
+# defaults of `search_config` are the paper's scale. Every choice is
+# documented, with its source line, in docs/fidelity.md.
+AUTHORS_REPOSITORY = "github.com/yuezhixiong/NAS-Benchmark"
+# The commit whose DARTS/ code produced the published E2RNAS genotype
+# (woOodAug_LL_acc1_ood1_UL_adv_nop_ood_flp_mgda_abs40_gnl2, committed to
+# DARTS/genotypes.py on 2021-03-05 in 9b66e4d; its .ini on 2021-03-04).
+AUTHORS_PUBLISHED_COMMIT = "9b66e4d"
+# The first version's code (DARTS_LBJ/, "after CVPR2021", 2020-11-17).
+AUTHORS_V1_COMMIT = "98da776"
+
+
+def set_e2rnas_published(c):
+    """The algorithm of the authors' run behind the published genotype.
+
+    ``DARTS/models/woOodAug_LL_acc1_ood1_UL_adv_nop_ood_flp_mgda_abs40_gnl2
+    .ini`` run by ``DARTS/auto.py`` (``train_search.py --unrolled --cutout``)
+    at commit 9b66e4d. Upper level: acc + adv + nop + ood + flp, MGDA (their
+    solver) on l2-normalised gradients, the weights applied to the raw
+    losses; nop and flp their closed forms at the supernet scale (8 cells,
+    C=16) with ``abs`` and target 4 (``constrain_min = 4``: 4e5
+    parameters, 4e8 FLOPs); adv: FGSM at 2/255, step 1.25 eps, random start,
+    gradient at the clean image; ood: 10 x KL on SVHN (not augmented).
+    Lower level: clean CE + (epoch / 50) x KL on the SVHN batch (a ramp in
+    their code of those days). Second order, cutout
+    16 on the search data. Leaves ``c.ood.name`` (the OOD source) as it is:
+    ``svhn_cropped`` by default, ``noise`` offline.
+
+    Args:
+        c: a `search_config()`; changed in place and returned.
+    """
+    c.objectives = ("acc", "adv", "params", "ood", "flops")
+    for name in c.objective_start:
+        c.objective_start[name] = 0
+    c.combine.method = "mgda"
+    c.combine.normalization = "l2"
+    c.combine.apply_to = "raw"
+    c.combine.solver = "authors"
+    c.arch.order = "second"
+    c.data.cutout = 16
+    c.attack.update(name="fgsm", eps=2.0, step_size=0.0, steps=1,
+                    random_start=True, gradient_at="clean")
+    c.adv_train.enabled = False
+    c.resource.update(
+        layers=8, channels=16, cost_model="authors", estimate="expected",
+        params_target=4.0, params_constraint="abs",
+        flops_target=4.0, flops_constraint="abs")
+    c.ood.upper_scale = 10.0
+    c.ood.lower_weight = 1.0
+    # In their train_search.py from 2021-03-04 11:18 (68bc3b3) to 03-09
+    # (3da1ec3), the window in which this run ran (docs/fidelity.md).
+    c.ood.lower_ramp = True
+    # Their end-of-epoch accuracy is on the architecture split.
+    c.eval_on = "valid"
+    return c
+
+
+def set_e2rnas_v1(c):
+    """The algorithm of the first version's code (arXiv v1, Nov 2020).
+
+    ``DARTS_LBJ/fgsm_nop_min.sh`` at commit 98da776: ``train_search.py
+    --unrolled --cutout --adv FGSM --nop --MGDA --constrain min``. Upper
+    level: acc + nop, MGDA (their solver) on unnormalised gradients
+    (``--grad_norm`` off), applied to the raw losses; nop their first
+    formula (raw counts) with ``min`` = ``max(T - nop, 1)`` and the default
+    ``T = 1e6``: a lower bound that the uniform supernet (1.83e6) is above,
+    so nop starts with a zero gradient and MGDA's 0.999/0.001 clamps keep
+    the accuracy direction alive. Lower level: FGSM adversarial training
+    only (eps 2/255, step 1.25 eps, random start, gradient at the clean
+    image). Second order, cutout 16.
+
+    Args:
+        c: a `search_config()`; changed in place and returned.
+    """
+    c.objectives = ("acc", "params")
+    for name in c.objective_start:
+        c.objective_start[name] = 0
+    c.combine.method = "mgda"
+    c.combine.normalization = "none"
+    c.combine.apply_to = "raw"
+    c.combine.solver = "authors"
+    c.arch.order = "second"
+    c.data.cutout = 16
+    c.adv_train.enabled = True
+    c.adv_train.attack.update(name="fgsm", eps=2.0, step_size=0.0, steps=1,
+                              random_start=True, gradient_at="clean")
+    c.resource.update(
+        layers=8, channels=16, cost_model="authors_v1", estimate="expected",
+        params_target=1e6, params_constraint="authors_v1_min")
+    c.ood.lower_weight = 0.0
+    c.eval_on = "valid"
+    return c
+
+
+def set_authors_evaluation(ev):
+    """The authors' robustness evaluation (DARTS/test_adv.py at 9b66e4d):
+    FGSM (one step of eps) and PGD-10 (step eps/4), both without random
+    start, at eps 1/255 and 2/255, on the whole test set.
+
+    Args:
+        ev: a `train_config().evaluate`; changed in place and returned.
+    """
+    ev.update(attacks=("fgsm", "pgd"), epsilons=(1.0, 2.0), pgd_steps=10,
+              step_size=0.0, restarts=1, random_start=False, num_examples=0)
+    return ev
 
 
 def train_config():

@@ -44,8 +44,9 @@ import tensorflow as tf
 from e2rnas_tf import checkpointing
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import genotypes
-from e2rnas_tf import objectives as obj_lib
+from e2rnas_tf import ood as ood_lib
 from e2rnas_tf import plots as plots_lib
+from e2rnas_tf import resources
 from e2rnas_tf import runtime
 from e2rnas_tf import search_step as step_lib
 from e2rnas_tf import tensorboard as tb_lib
@@ -159,8 +160,8 @@ def derive_genotype(network, config):
 
 def genotype_params(genotype, table, primitives):
     """Parameters (millions) of a genotype's derived network for ``table``."""
-    w_normal, w_reduce = obj_lib.genotype_weights(genotype, primitives)
-    return float(obj_lib.expected_cost(w_normal, w_reduce, table))
+    w_normal, w_reduce = resources.genotype_weights(genotype, primitives)
+    return float(resources.expected_cost(w_normal, w_reduce, table))
 
 
 def make_eval_step(network, batch_size):
@@ -202,11 +203,13 @@ def make_eval_step(network, batch_size):
 
 def _progress_line(epoch, epochs, step, steps, metrics, objectives, rate):
     objs = " ".join(f"{name} {metrics[f'objective/{name}']:.3f}"
+                    + ("" if metrics.get(f"active/{name}", 1.0) else "(off)")
                     for name in objectives)
     weights = "/".join(f"{metrics[f'weight/{name}']:.2f}"
                        for name in objectives)
     line = (f"epoch {epoch + 1}/{epochs} step {step}/{steps} | {objs} | "
-            f"mgda {weights} | train {metrics['train/loss']:.3f} "
+            f"mgda {weights} | derived {metrics['derived/params']:.2f}M | "
+            f"train {metrics['train/loss']:.3f} "
             f"acc {metrics['train/acc']:.2f} | lr {metrics['lr']:.4f} | "
             f"{rate:.2f} s/step")
     return line
@@ -305,13 +308,10 @@ def _search(config, workdir, *, overwrite=False, log=print, stack):
             strategy=strategy)
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False,
                                 name="epoch")
-    params_table = step.tables.get("params") or obj_lib.resource_table(
-        "params", channels=config.resource.channels,
-        layers=config.resource.layers, num_classes=info.num_classes,
-        image_size=info.image_size, steps=config.model.steps,
-        multiplier=config.model.multiplier,
-        stem_multiplier=config.model.stem_multiplier,
-        primitives=config.model.primitives)
+    # The derived genotype's size, millions at the evaluation scale.
+    params_table = step.report_table
+    ood_data = (ood_lib.load(config.ood, info.image_size, config.seed)
+                if step.needs_ood else None)
     # Every supernet variable by its Keras path (tf.train.Checkpoint of
     # the network itself would skip the cells, held in a list), and the
     # step's own state (counters, both optimizers) by position and name.
@@ -387,18 +387,26 @@ def _search(config, workdir, *, overwrite=False, log=print, stack):
             a_ds = data_lib.batches(a_split, batch, seed=config.seed + 1,
                                     epoch=epoch, training=True,
                                     skip_batches=skip, **aug)
+            o_ds = (ood_lib.batches(ood_data, batch, seed=config.seed,
+                                    epoch=epoch, steps=steps_per_epoch,
+                                    skip_batches=skip)
+                    if ood_data is not None else None)
             if strategy.num_replicas_in_sync > 1:
                 w_ds = strategy.experimental_distribute_dataset(w_ds)
                 a_ds = strategy.experimental_distribute_dataset(a_ds)
+                if o_ds is not None:
+                    o_ds = strategy.experimental_distribute_dataset(o_ds)
             done_in_epoch = skip
             tic, since_log = time.perf_counter(), 0
+            o_iter = iter(o_ds) if o_ds is not None else None
             for train_batch, valid_batch in zip(w_ds, a_ds):
                 if done_in_epoch >= steps_per_epoch:
                     break
                 if profiler:
                     profiler(int(step.iterations.numpy()))
                 t0 = time.perf_counter()
-                out = step(train_batch, valid_batch)
+                out = step(train_batch, valid_batch,
+                           next(o_iter) if o_iter is not None else None)
                 metrics = {k: float(v) for k, v in out.items()}
                 since_log += 1
                 if compile_seconds is None:

@@ -23,16 +23,18 @@ Reference:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import tensorflow as tf
 
 from e2rnas_tf import mgda
 from e2rnas_tf import objectives as obj_lib
+from e2rnas_tf import resources
 from e2rnas_tf import runtime
 
-OBJECTIVES = ("acc", "adv", "params", "flops")
-NETWORK_OBJECTIVES = ("acc", "adv")
+OBJECTIVES = ("acc", "adv", "params", "flops", "ood")
+NETWORK_OBJECTIVES = ("acc", "adv", "ood")
 ORDERS = ("first", "second")
 # Initial dynamic loss scale under mixed_float16, as Keras'
 # LossScaleOptimizer; halved on overflow, doubled after `_SCALE_PERIOD`
@@ -68,6 +70,46 @@ def check_objectives(names):
         raise ValueError(
             f"Expected distinct objectives. Received: objectives={list(names)}")
     return names
+
+
+def objective_start_epochs(config):
+    """``{objective: first epoch (0-based) it is used}`` of a search config.
+
+    From ``config.objective_start`` (the authors' ``adv_later`` /
+    ``nop_later``: an objective joins the upper level once the epoch
+    reaches its value); objectives it does not name start at 0.
+    """
+    starts = config.get("objective_start", None)
+    starts = {} if starts is None else dict(starts)
+    out = {}
+    for name in check_objectives(config.objectives):
+        value = starts.get(name, 0)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(
+                f"Expected config.objective_start.{name} to be an integer "
+                f">= 0 (an epoch). Received: {value!r}")
+        out[name] = value
+    return out
+
+
+def check_resource(resource):
+    """Validates ``config.resource``; raises ValueError with the field."""
+    for field, choices in (("cost_model", resources.COST_MODELS),
+                           ("estimate", resources.ESTIMATES)):
+        if resource[field] not in choices:
+            raise ValueError(
+                f"Expected config.resource.{field} in {list(choices)}. "
+                f"Received: {resource[field]!r}")
+    for kind in resources.KINDS:
+        mode = resource[f"{kind}_constraint"]
+        if mode not in resources.CONSTRAINTS:
+            raise ValueError(
+                f"Expected config.resource.{kind}_constraint in "
+                f"{list(resources.CONSTRAINTS)}. Received: {mode!r}")
+    if not float(resource.gumbel_tau) > 0:
+        raise ValueError(
+            "Expected config.resource.gumbel_tau > 0. "
+            f"Received: {resource.gumbel_tau!r}")
 
 
 def cosine_lr(step, *, lr, lr_min, epochs, steps_per_epoch):
@@ -310,26 +352,39 @@ class SearchStep(tf.Module):
         self.warmup_steps = tf.constant(warmup * self.steps_per_epoch,
                                         tf.int64)
         self.float16 = config.mixed_precision == "mixed_float16"
-        # With one objective there is nothing to balance: its gradient is
-        # used as is, so `objectives=[acc]` is exactly DARTS.
-        normalization = (config.combine.normalization
-                         if len(self.objectives) > 1 else "none")
-        self.combine_kwargs = dict(
-            method=config.combine.method,
-            normalization=normalization,
-            apply_to=config.combine.apply_to,
-            fixed_weights=(list(config.combine.weights)
-                           if config.combine.method == "fixed" else None))
+        self.start_epochs = objective_start_epochs(config)
+        c = config.combine
+        if c.method == "fixed" and len(c.weights) != len(self.objectives):
+            raise ValueError(
+                "Expected one config.combine.weights entry per objective "
+                f"({len(self.objectives)}). Received: weights={list(c.weights)}")
+        self.ood_upper = "ood" in self.objectives
+        self.ood_lower_weight = float(config.ood.lower_weight)
+        if self.ood_lower_weight < 0:
+            raise ValueError(
+                "Expected config.ood.lower_weight >= 0. "
+                f"Received: {self.ood_lower_weight!r}")
+        # Whether each call needs a batch of out-of-distribution images.
+        self.needs_ood = self.ood_upper or self.ood_lower_weight > 0
+        r = config.resource
+        check_resource(r)
+        scale = dict(channels=r.channels, layers=r.layers,
+                     num_classes=num_classes, image_size=image_size,
+                     steps=config.model.steps,
+                     multiplier=config.model.multiplier,
+                     stem_multiplier=config.model.stem_multiplier,
+                     primitives=config.model.primitives)
         self.tables = {}
-        for kind in ("params", "flops"):
+        for kind in resources.KINDS:
             if kind in self.objectives:
-                self.tables[kind] = obj_lib.resource_table(
-                    kind, channels=config.resource.channels,
-                    layers=config.resource.layers, num_classes=num_classes,
-                    image_size=image_size, steps=config.model.steps,
-                    multiplier=config.model.multiplier,
-                    stem_multiplier=config.model.stem_multiplier,
-                    primitives=config.model.primitives)
+                self.tables[kind] = resources.make_table(
+                    r.cost_model, kind, **scale)
+        # What every step reports: the derived genotype's parameters in
+        # millions at the evaluation scale, whatever the objectives' model.
+        self.report_table = (
+            self.tables["params"] if r.cost_model == "measured"
+            and "params" in self.tables
+            else resources.measured_table("params", **scale))
         w_vars = network.weight_variables
         alpha = network.arch_variables
         self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False,
@@ -360,6 +415,42 @@ class SearchStep(tf.Module):
         self._compiled = tf.function(
             self._distributed_step, autograph=False,
             jit_compile=self.jit_scope == "step")
+
+    # -- objectives of a step ------------------------------------------------
+
+    def active_objectives(self, step=None):
+        """The objectives the upper level uses at ``step`` (a Python int;
+        default: the current step): those whose start epoch
+        (``config.objective_start``) has been reached."""
+        step = int(self.iterations.numpy()) if step is None else int(step)
+        epoch = step // self.steps_per_epoch
+        return tuple(n for n in self.objectives
+                     if self.start_epochs[n] <= epoch)
+
+    def ood_lower_weight_at(self, step):
+        """The lower level's OOD weight at ``step`` (a tensor):
+        ``config.ood.lower_weight``, times ``epoch / epochs`` with
+        ``config.ood.lower_ramp`` (the authors' code when the published
+        genotype was searched, docs/fidelity.md)."""
+        weight = tf.constant(self.ood_lower_weight)
+        if not self.config.ood.lower_ramp:
+            return weight
+        epoch = tf.cast(step // self.steps_per_epoch, tf.float32)
+        return weight * epoch / float(max(int(self.config.epochs), 1))
+
+    def _combine_kwargs(self, active):
+        c = self.config.combine
+        # With one objective there is nothing to balance: its gradient is
+        # used as is, so `objectives=[acc]` is exactly DARTS.
+        fixed = None
+        if c.method == "fixed":
+            fixed = [w for n, w in zip(self.objectives, c.weights)
+                     if n in active]
+        return dict(method=c.method,
+                    normalization=(c.normalization if len(active) > 1
+                                   else "none"),
+                    apply_to=c.apply_to, fixed_weights=fixed,
+                    solver=c.get("solver", "exact"))
 
     # -- schedules ---------------------------------------------------------
 
@@ -399,18 +490,36 @@ class SearchStep(tf.Module):
         w_vars = [_raw(v) for v in self.network.weight_variables]
         return {"alpha": alpha, "w": w_vars, "all": alpha + w_vars}[which]
 
-    def _network_loss_grads(self, images, labels, which):
-        """Scaled CE loss, logits and (unscaled) gradients.
+    def _ood(self, logits):
+        # A mean over the replica's batch, divided by the replicas: the
+        # all-reduce SUM is then the mean over the global batch.
+        replicas = self.strategy.num_replicas_in_sync
+        return obj_lib.ood_kl(logits) / float(replicas)
 
-        ``which`` selects the sources: ``alpha``, ``w`` or ``all``. (Wrapping
-        this in an inner `tf.function` to trace it once per kind did not
-        shorten the time to the first step on the CPU: the executor then
-        spends the saved tracing time instantiating the function calls.)
+    def _network_loss_grads(self, images, labels, which, kind="ce",
+                            ood_images=None, ood_weight=None):
+        """Scaled loss, logits and (unscaled) gradients.
+
+        ``which`` selects the sources: ``alpha``, ``w`` or ``all``.
+        ``kind``: ``ce`` (cross-entropy of ``images`` and ``labels``) or
+        ``ood`` (``config.ood.upper_scale`` times `objectives.ood_kl` of
+        ``images``, out-of-distribution; ``labels`` unused). With
+        ``ood_images`` (the lower level), ``ood_weight`` times their
+        `objectives.ood_kl` is added, from a forward pass of its own, as
+        the authors' weight training does. (Wrapping this in an inner
+        `tf.function` to trace it once per kind did not shorten the time to
+        the first step on the CPU: the executor then spends the saved
+        tracing time instantiating the function calls.)
         """
         sources = self._sources(which)
         with tf.GradientTape() as tape:
             logits = self._forward(images)
-            loss = self._ce(logits, labels)
+            if kind == "ce":
+                loss = self._ce(logits, labels)
+            else:
+                loss = float(self.config.ood.upper_scale) * self._ood(logits)
+            if ood_images is not None:
+                loss += ood_weight * self._ood(self._forward(ood_images))
             scaled = loss * self.loss_scale if self.float16 else loss
         grads = tape.gradient(scaled, sources)
         grads = [tf.zeros_like(s) if g is None else tf.cast(g, tf.float32)
@@ -426,15 +535,18 @@ class SearchStep(tf.Module):
                else self.config.adv_train.attack)
         return obj_lib.attack(self._forward, images, labels, cfg, seed)
 
-    def _resource_loss_grads(self, kind, alpha):
+    def _resource_loss_grads(self, kind, alpha, seed):
         r = self.config.resource
+        m = self.config.model
         with tf.GradientTape() as tape:
             tape.watch(alpha)
-            w_normal = tf.nn.softmax(alpha[0], axis=-1)
-            w_reduce = tf.nn.softmax(alpha[1], axis=-1)
-            cost = obj_lib.expected_cost(w_normal, w_reduce, self.tables[kind])
-            loss = obj_lib.constrain(cost, r[f"{kind}_target"],
-                                     r[f"{kind}_constraint"])
+            cost = resources.resource_cost(
+                alpha[0], alpha[1], self.tables[kind], r.estimate,
+                steps=m.steps, primitives=m.primitives, tau=r.gumbel_tau,
+                seed=seed)
+            loss = resources.constrain(cost, r[f"{kind}_target"],
+                                       r[f"{kind}_constraint"],
+                                       r[f"{kind}_target_max"])
         grads = tape.gradient(loss, alpha)
         grads = [tf.zeros_like(a) if g is None else g
                  for g, a in zip(grads, alpha)]
@@ -442,7 +554,8 @@ class SearchStep(tf.Module):
 
     # -- the upper level ----------------------------------------------------
 
-    def arch_direction(self, valid_batch, train_batch, lr, seed):
+    def arch_direction(self, valid_batch, train_batch, lr, seed,
+                       ood_images=None, active=None):
         """The combined architecture update direction (no variable changes).
 
         Runs in a replica context. First order: each objective's gradient
@@ -459,14 +572,20 @@ class SearchStep(tf.Module):
             train_batch: ``(images, labels)``, the weight batch (second
                 order only).
             lr: the weight learning rate of the virtual step.
-            seed: ``[2]`` int32 seed for the attack's random start.
+            seed: ``[2]`` int32 seed for the attack's random start (and
+                the Gumbel noise of ``resource.estimate="gumbel"``).
+            ood_images: out-of-distribution images (the ``ood`` objective).
+            active: the objectives to combine (a tuple, a subset of
+                ``config.objectives`` in its order; default all of them).
 
         Returns:
             A dict with ``direction`` (list of 2 tensors), ``weights``
             ``[K]``, ``losses`` ``[K]``, ``finite`` (list of K bool
-            scalars), ``costs`` (dict kind -> expected cost), ``ok`` (bool)
-            and ``valid_acc``.
+            scalars), ``costs`` (dict kind -> resource estimate), ``ok``
+            (bool) and ``valid_acc``, K = ``len(active)``.
         """
+        active = self.objectives if active is None else tuple(active)
+        combine_kwargs = self._combine_kwargs(active)
         net = self.network
         cfg = self.config
         xv, yv = valid_batch
@@ -483,8 +602,14 @@ class SearchStep(tf.Module):
         losses, alpha_grads, w_grads, costs = [], [], [], {}
         valid_acc = tf.constant(0.0)
         which = "all" if second else "alpha"
-        for name in self.objectives:
-            if name in NETWORK_OBJECTIVES:
+        for name in active:
+            if name == "ood":
+                loss, _, grads = self._network_loss_grads(
+                    ood_images, None, which, kind="ood")
+                loss, grads = _all_reduce((loss, grads))
+                alpha_grads.append(grads[:2])
+                w_grads.append(grads[2:])
+            elif name in NETWORK_OBJECTIVES:
                 if name == "adv":
                     images = self._attack(xv, yv, "valid", seed)
                 else:
@@ -499,7 +624,7 @@ class SearchStep(tf.Module):
                 w_grads.append(grads[2:])
             else:
                 loss, costs[name], grads = self._resource_loss_grads(
-                    name, alpha)
+                    name, alpha, tf.stack([seed[0] + 7919, seed[1]]))
                 alpha_grads.append(grads)
                 w_grads.append(None)
             losses.append(loss)
@@ -510,11 +635,11 @@ class SearchStep(tf.Module):
                       for f, g in zip(finite, w_grads)]
         losses_t = tf.stack(losses)
         direction, weights, ok = mgda.combine(alpha_grads, losses_t,
-                                              **self.combine_kwargs)
+                                              **combine_kwargs)
         if second:
             direction, ok_hvp = self._implicit(
                 direction, weights, alpha_grads, losses, w_grads, w_saved,
-                train_batch, lr)
+                train_batch, lr, combine_kwargs["normalization"])
             ok = ok & ok_hvp
             _assign(w_vars, w_saved)
         ok = ok & tf.reduce_all(tf.stack(finite))
@@ -522,7 +647,7 @@ class SearchStep(tf.Module):
                     finite=finite, costs=costs, ok=ok, valid_acc=valid_acc)
 
     def _implicit(self, direction, weights, alpha_grads, losses, w_grads,
-                  w_saved, train_batch, lr):
+                  w_saved, train_batch, lr, normalization):
         """``direction - lr * H_{alpha w} v`` by central differences."""
         cfg = self.config
         net = self.network
@@ -535,8 +660,7 @@ class SearchStep(tf.Module):
             coef = weights[k]
             if normalized:
                 coef = coef * normalization_scale(
-                    alpha_grads[k], losses[k],
-                    self.combine_kwargs["normalization"])
+                    alpha_grads[k], losses[k], normalization)
             term = [coef * t for t in g]
             v = term if v is None else [a + b for a, b in zip(v, term)]
         if v is None:
@@ -556,7 +680,7 @@ class SearchStep(tf.Module):
 
     # -- the whole step -------------------------------------------------------
 
-    def _replica_step(self, xt, yt, xv, yv):
+    def _replica_step(self, xt, yt, xv, yv, xo, active):
         net = self.network
         cfg = self.config
         w_vars = [_raw(v) for v in net.weight_variables]
@@ -574,14 +698,18 @@ class SearchStep(tf.Module):
         state_saved = [tf.identity(_raw(v)) for v in state_vars]
         alpha_saved = [tf.identity(_raw(v)) for v in alpha_vars]
 
-        arch = self.arch_direction((xv, yv), (xt, yt), lr, seed)
+        arch = self.arch_direction((xv, yv), (xt, yt), lr, seed,
+                                   ood_images=xo, active=active or None)
         adam = self.arch_optimizer
         new_alpha, new_m, new_v, new_t = adam.updates(
             alpha_saved, arch["direction"], arch_lr)
         ok_arch = arch["ok"] & _all_finite(new_alpha)
         # During the warm-up alpha and Adam's state are kept (the direction
-        # is still computed, so its objectives are logged and checked).
+        # is still computed, so its objectives are logged and checked);
+        # likewise before the first objective's start epoch.
         arch_on = step >= self.warmup_steps
+        if not active:
+            arch_on = tf.constant(False)
         keep = tf.logical_not(arch_on)
         new_alpha = [tf.where(keep, s, a)
                      for a, s in zip(new_alpha, alpha_saved)]
@@ -598,7 +726,12 @@ class SearchStep(tf.Module):
         if cfg.adv_train.enabled:
             xt = self._attack(xt, yt, "train", seed + 1)
         w_saved = [tf.identity(_raw(v)) for v in w_vars]
-        train_loss, logits, g_w = self._network_loss_grads(xt, yt, "w")
+        if self.ood_lower_weight > 0:
+            train_loss, logits, g_w = self._network_loss_grads(
+                xt, yt, "w", ood_images=xo,
+                ood_weight=self.ood_lower_weight_at(step))
+        else:
+            train_loss, logits, g_w = self._network_loss_grads(xt, yt, "w")
         train_acc = self._acc(logits, yt)
         train_loss, train_acc, g_w = _all_reduce((train_loss, train_acc, g_w))
         g_w, g_norm = tf.clip_by_global_norm(g_w, cfg.optim.grad_clip)
@@ -642,24 +775,58 @@ class SearchStep(tf.Module):
                    "skipped": 1.0 - tf.cast(ok, tf.float32),
                    "consecutive_skips": tf.cast(skips, tf.float32),
                    "nonfinite/train": 1.0 - tf.cast(ok_train, tf.float32)}
-        for k, name in enumerate(self.objectives):
-            metrics[f"objective/{name}"] = arch["losses"][k]
-            metrics[f"weight/{name}"] = arch["weights"][k]
-            metrics[f"nonfinite/{name}"] = 1.0 - tf.cast(arch["finite"][k],
-                                                         tf.float32)
+        zero = tf.constant(0.0)
+        used = active or self.objectives
+        for name in self.objectives:
+            # An objective before its start epoch reports 0 and active 0.
+            k = used.index(name) if name in used else None
+            on = k is not None
+            metrics[f"objective/{name}"] = arch["losses"][k] if on else zero
+            metrics[f"weight/{name}"] = arch["weights"][k] if on else zero
+            metrics[f"nonfinite/{name}"] = (
+                1.0 - tf.cast(arch["finite"][k], tf.float32) if on else zero)
+            if self.start_epochs[name]:
+                metrics[f"active/{name}"] = tf.constant(float(name in active))
         for kind, cost in arch["costs"].items():
             metrics[f"cost/{kind}"] = cost
+        # The genotype the DARTS rule derives from the new alpha: its
+        # parameters (millions, evaluation scale) every step.
+        m = cfg.model
+        derived = [resources.derived_weights(tf.nn.softmax(a, axis=-1),
+                                             m.steps, m.primitives)
+                   for a in alpha_vars]
+        metrics["derived/params"] = resources.expected_cost(
+            *derived, self.report_table)
         if self.float16:
             metrics["loss_scale"] = self.loss_scale.read_value()
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
-    def _distributed_step(self, train_batch, valid_batch):
+    def _distributed_step(self, train_batch, valid_batch, ood_images,
+                          active):
         xt, yt = train_batch
         xv, yv = valid_batch
-        out = self.strategy.run(self._replica_step, args=(xt, yt, xv, yv))
+        # `active` is a trace-time tuple of names, bound rather than passed
+        # through the strategy (which distributes tensors).
+        out = self.strategy.run(
+            functools.partial(self._replica_step, active=active),
+            args=(xt, yt, xv, yv, ood_images))
         # Every metric was all-reduced inside the replicas: any copy will do.
         return {k: self.strategy.experimental_local_results(v)[0]
                 for k, v in out.items()}
 
-    def __call__(self, train_batch, valid_batch):
-        return self._compiled(train_batch, valid_batch)
+    def __call__(self, train_batch, valid_batch, ood_images=None):
+        """One bi-level step; see the class docstring.
+
+        The set of objectives whose start epoch has been reached is read
+        from the step counter here, in Python, and selects the compiled
+        function: each distinct set is traced once (the authors'
+        ``adv_later`` / ``nop_later`` runs have two), and objectives not
+        yet active cost nothing.
+        """
+        if self.needs_ood and ood_images is None:
+            raise ValueError(
+                "Expected `ood_images` (config.objectives has 'ood' or "
+                "config.ood.lower_weight > 0). Received: None")
+        return self._compiled(train_batch, valid_batch,
+                              ood_images if self.needs_ood else None,
+                              self.active_objectives())

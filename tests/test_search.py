@@ -257,6 +257,95 @@ def test_fixed_weights_use_the_first_objectives_gradient(eager):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
 
 
+def test_objective_start_leaves_an_objective_out_until_its_epoch(eager):
+    """adv starting at epoch 1 (the authors' adv_later): during epoch 0 the
+    step is exactly the step without adv; from epoch 1 adv is combined."""
+    train, valid = batch(12), batch(13)
+    late = tiny_config(**{"objectives": ["acc", "adv", "params"],
+                          "objective_start.adv": 1})
+    net_a, step_a = make_step(late)
+    net_b, step_b = make_step(tiny_config(objectives=["acc", "params"]))
+    assert step_a.active_objectives() == ("acc", "params")
+    metrics = step_a(train, valid)
+    step_b(train, valid)
+    assert float(metrics["active/adv"]) == 0.0
+    assert float(metrics["weight/adv"]) == 0.0
+    assert float(metrics["objective/adv"]) == 0.0
+    assert "active/acc" not in metrics  # only late objectives report it
+    for a, b in zip(values(net_a.variables), values(net_b.variables)):
+        np.testing.assert_array_equal(a, b)
+    # Epoch 1 (steps_per_epoch=10): adv joins.
+    step_a.iterations.assign(10)
+    assert step_a.active_objectives() == ("acc", "adv", "params")
+    metrics = step_a(train, valid)
+    assert float(metrics["active/adv"]) == 1.0
+    assert float(metrics["objective/adv"]) > 0.0
+    weights = [float(metrics[f"weight/{n}"]) for n in ("acc", "adv", "params")]
+    assert abs(sum(weights) - 1.0) < 1e-5
+    with pytest.raises(ValueError, match="objective_start.adv"):
+        make_step(tiny_config(**{"objectives": ["acc", "adv"],
+                                 "objective_start.adv": -1}))
+
+
+def test_ood_objective_and_lower_level_term(eager):
+    """The ood objective is upper_scale * KL(U || softmax) on the OOD batch;
+    its lower-level weight changes the weights' update."""
+    train, valid = batch(14), batch(15)
+    ood_images = batch(16)[0]
+    cfg = tiny_config(**{"objectives": ["acc", "ood"],
+                         "ood.upper_scale": 10.0, "ood.lower_weight": 1.0})
+    net, step = make_step(cfg)
+    expected = 10.0 * float(obj_lib.ood_kl(net(ood_images, training=True)))
+    metrics = step(train, valid, ood_images)
+    assert float(metrics["skipped"]) == 0.0
+    assert float(metrics["objective/ood"]) == pytest.approx(expected,
+                                                            rel=1e-5)
+    w_with = values(net.weight_variables)
+    net_b, step_b = make_step(tiny_config(**{
+        "objectives": ["acc", "ood"], "ood.upper_scale": 10.0,
+        "ood.lower_weight": 0.0}))
+    step_b(train, valid, ood_images)
+    # Same alpha update (the upper level is identical) ...
+    for a, b in zip(values(net.arch_variables),
+                    values(net_b.arch_variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-8)
+    # ... but the lower-level KL term moved the weights elsewhere.
+    assert any(not np.allclose(a, b) for a, b in
+               zip(w_with, values(net_b.weight_variables)))
+    with pytest.raises(ValueError, match="ood_images"):
+        step(train, valid)
+
+
+def test_ood_lower_ramp_is_epoch_over_epochs(eager):
+    """The authors' code of the published run: lower weight * epoch/epochs,
+    so the first epoch trains the weights without the KL term."""
+    train, valid, ood_images = batch(19), batch(20), batch(21)[0]
+    ramp = tiny_config(**{"objectives": ["acc"], "ood.lower_weight": 1.0,
+                          "ood.lower_ramp": True, "epochs": 4})
+    net, step = make_step(ramp)
+    assert float(step.ood_lower_weight_at(tf.constant(0, tf.int64))) == 0.0
+    # steps_per_epoch=10: step 25 is in epoch 2 of 4.
+    assert float(step.ood_lower_weight_at(tf.constant(25, tf.int64))) \
+        == pytest.approx(0.5)
+    step(train, valid, ood_images)
+    net_b, step_b = make_step(tiny_config(**{"objectives": ["acc"],
+                                              "epochs": 4}))
+    step_b(train, valid)
+    for a, b in zip(values(net.weight_variables),
+                    values(net_b.weight_variables)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_step_reports_the_derived_genotypes_size(eager):
+    config = tiny_config(objectives=["acc", "params"])
+    net, step = make_step(config)
+    metrics = step(batch(17), batch(18))
+    genotype = search.derive_genotype(net, config)
+    assert float(metrics["derived/params"]) == pytest.approx(
+        search.genotype_params(genotype, step.report_table,
+                               config.model.primitives), rel=1e-6)
+
+
 def test_nonfinite_batch_skips_the_step(eager):
     config = tiny_config(objectives=["acc", "params"])
     net, step = make_step(config)
@@ -322,10 +411,10 @@ def test_short_search_params_objective_shrinks_the_network(tmp_path):
         with np.load(os.path.join(workdir, "alpha_history.npz")) as f:
             w = [tf.nn.softmax(f[k][-1]) for k in ("alpha_normal",
                                                    "alpha_reduce")]
-        table = obj_lib.resource_table(
+        table = resources.measured_table(
             "params", channels=8, layers=5, num_classes=10, image_size=8,
             steps=2, multiplier=2, primitives=PRIMITIVES)
-        return float(obj_lib.expected_cost(*w, table))
+        return float(resources.expected_cost(*w, table))
 
     assert expected(small["workdir"]) < expected(acc["workdir"])
     assert small["genotype_params"] <= acc["genotype_params"]
@@ -515,8 +604,8 @@ def _poison_alpha_gradient(monkeypatch, objective, bad_steps):
     if objective in step_lib.NETWORK_OBJECTIVES:
         real = step_lib.SearchStep._network_loss_grads
 
-        def poisoned(self, images, labels, which):
-            loss, logits, grads = real(self, images, labels, which)
+        def poisoned(self, images, labels, which, **kwargs):
+            loss, logits, grads = real(self, images, labels, which, **kwargs)
             # First order: only the objectives ask for "alpha" ("acc"
             # here; the weight step asks for "w").
             if which == "alpha":
@@ -528,8 +617,8 @@ def _poison_alpha_gradient(monkeypatch, objective, bad_steps):
     else:
         real = step_lib.SearchStep._resource_loss_grads
 
-        def poisoned(self, kind, alpha):
-            loss, cost, grads = real(self, kind, alpha)
+        def poisoned(self, kind, alpha, seed):
+            loss, cost, grads = real(self, kind, alpha, seed)
             if kind == objective:
                 grads = [g * factor(self) for g in grads]
             return loss, cost, grads
@@ -552,9 +641,9 @@ def _record_steps(monkeypatch):
     def alpha(step):
         return [a.numpy().copy() for a in step.network.arch_variables]
 
-    def recording(self, train_batch, valid_batch):
+    def recording(self, train_batch, valid_batch, ood_images=None):
         before, alpha_before = state(self), alpha(self)
-        out = real(self, train_batch, valid_batch)
+        out = real(self, train_batch, valid_batch, ood_images)
         calls.append({"before": before, "after": state(self),
                       "alpha_before": alpha_before, "alpha": alpha(self),
                       "metrics": {k: float(v) for k, v in out.items()}})
