@@ -50,8 +50,9 @@ class Args:
 
 # name -> ("module:function", default config factory in config_lib, help).
 COMMANDS = {
-    "info": ("e2rnas_tf.cli:info", "search_config",
-             "Print the supernet, its parameter counts and the dataset."),
+    "info": ("e2rnas_tf.info:main", "search_config",
+             "Print the supernet, the dataset and where the resource "
+             "objectives push."),
     "search": ("e2rnas_tf.search:main", "search_config",
                "Run the E2RNAS architecture search."),
     "train": ("e2rnas_tf.train:main", "train_config",
@@ -86,36 +87,6 @@ def _resolve(command):
     module_name, function = target.split(":")
     module = importlib.import_module(module_name)
     return getattr(module, function), factory
-
-
-def info(config, args):
-    """``e2rnas info``: the supernet and the dataset a config selects."""
-    from e2rnas_tf import data as data_lib
-    from e2rnas_tf import runtime
-    from e2rnas_tf.search_space import SearchNetwork, count_params
-
-    runtime.configure(config)
-    train, test, ds = data_lib.load(config.data)
-    size = ds.image_size
-    net = SearchNetwork(
-        channels=config.model.channels, num_classes=ds.num_classes,
-        layers=config.model.layers, steps=config.model.steps,
-        multiplier=config.model.multiplier,
-        stem_multiplier=config.model.stem_multiplier,
-        primitives=config.model.primitives, mean=ds.mean, std=ds.std)
-    net.build((None, size, size, 3))
-    print(f"dataset      {ds.name}: {ds.num_train} train / {ds.num_test} test, "
-          f"{ds.num_classes} classes, {size}x{size}x3")
-    print(f"supernet     {config.model.layers} cells, C={config.model.channels}"
-          f", {config.model.steps} nodes, {len(config.model.primitives)} ops")
-    for cell in net.cells:
-        kind = "reduce" if cell.reduction else "normal"
-        print(f"  {cell.name:<10} {kind:<7} C={cell.channels:<4} "
-              f"params={count_params(cell.trainable_variables):,}")
-    print(f"weights      {count_params(net.weight_variables):,} parameters")
-    print(f"architecture {count_params(net.arch_variables):,} parameters "
-          f"(alpha_normal, alpha_reduce)")
-    return 0
 
 
 def _lines(text):

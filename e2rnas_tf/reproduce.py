@@ -5,14 +5,21 @@ genotype (`e2rnas train`), evaluate it (`e2rnas evaluate`: clean, FGSM and
 PGD accuracy, parameters and multiply-adds), then a table of means and
 spreads per method, the cells' diagrams and a trade-off plot.
 
-Methods (Yue et al. 2020, Table 1 and the ablation of Section 4):
+Methods (Yue et al. 2020, Table 1 and the ablation of Section 4), each a
+change of ``config.search`` (`method_configs`):
 
 - ``darts``: accuracy only (validation cross-entropy), as DARTS.
-- ``e2rnas``: ``search.objectives`` (acc, adv, params) combined by MGDA.
+- ``e2rnas``: ``config.search`` as it is, MGDA (ours: its objectives,
+  resource estimate and target).
 - ``equal``: the same objectives with equal weights 1/K instead of MGDA.
+- ``published``: the algorithm of the authors' run behind the published
+  genotype (`config_lib.set_e2rnas_published`) at ``config.search``'s scale.
+- ``nomgda``: ``published`` with weight 1 on every raw loss (the authors'
+  "noMGDA" ablation).
+- ``v1``: the first version's algorithm (`config_lib.set_e2rnas_v1`).
 
-Everything else (data, budgets, optimisers, attack, resource target) is the
-same for the three, from `configs/reproduce.py`.
+Everything else (data, budgets, optimisers, scale) is the same for all,
+from `configs/reproduce.py`; results.md lists each method's settings.
 
 Layout of ``--workdir``::
 
@@ -26,23 +33,28 @@ Reference:
 from __future__ import annotations
 
 import datetime
+import functools
 import math
 import os
 import shlex
 import sys
 import time
 
+from e2rnas_tf import config_lib
 from e2rnas_tf import pipeline
 
 METHODS = {
     "darts": "DARTS (accuracy only)",
-    "e2rnas": "E2RNAS (MGDA)",
+    "e2rnas": "E2RNAS (ours)",
     "equal": "E2RNAS, equal weights",
+    "published": "E2RNAS as the authors ran it",
+    "nomgda": "E2RNAS as the authors ran it, noMGDA",
+    "v1": "E2RNAS, first version's code",
 }
 
 # (record field, table header, format): the per-run figures.
 COLUMNS = (
-    ("search_params_m", "genotype params at 20 cells C=36 (M)", "{:.2f}"),
+    ("search_params_m", "cell's params at 20 cells C=36 (M)", "{:.2f}"),
     ("params_m", "params (M)", "{:.3f}"),
     ("macs_m", "MACs (M)", "{:.1f}"),
     ("clean", "clean acc", "{:.4f}"),
@@ -86,11 +98,65 @@ def method_configs(config, method, seed):
             search.objectives = ("acc",)
         elif method == "equal":
             search.combine.method = "sum"
-        else:
+        elif method == "e2rnas":
             search.combine.method = "mgda"
+        elif method in ("published", "nomgda"):
+            config_lib.set_e2rnas_published(search)
+            if method == "nomgda":
+                search.combine.method = "ones"
+        else:
+            config_lib.set_e2rnas_v1(search)
     search.lock()
     train.lock()
     return search, train
+
+
+@functools.lru_cache(maxsize=4)
+def _published_scale_table(num_classes):
+    # The scale papers quote cells at (DARTS, E2RNAS): 20 cells, C=36, 32x32.
+    from e2rnas_tf import resources
+
+    return resources.measured_table("params", channels=36, layers=20,
+                                    num_classes=num_classes, image_size=32)
+
+
+def cell_params_m(genotype, num_classes):
+    """Parameters (millions) of a genotype as a 20-cell, C=36 network: one
+    yardstick for every method, whatever scale its objectives used."""
+    from e2rnas_tf import genotypes as genotypes_lib
+    from e2rnas_tf import resources
+
+    g = genotypes_lib.Genotype.from_dict(genotype)
+    weights = resources.genotype_weights(g)
+    return float(resources.expected_cost(
+        *weights, _published_scale_table(int(num_classes))))
+
+
+def describe_method(search):
+    """One line of a method's search settings, for results.md."""
+    r = search.resource
+    objectives = list(search.objectives)
+    parts = [f"objectives {'+'.join(objectives)}",
+             f"{search.combine.method}"
+             + (f" ({search.combine.normalization}, applied to "
+                f"{search.combine.apply_to}, {search.combine.solver} solver)"
+                if len(objectives) > 1 else ""),
+             f"{search.arch.order} order"]
+    for kind in ("params", "flops"):
+        if kind in objectives:
+            parts.append(
+                f"{kind}: {r.cost_model} model at {r.layers} cells C="
+                f"{r.channels}, {r.estimate}, {r[kind + '_constraint']} "
+                f"{r[kind + '_target']:g}")
+    if "ood" in objectives or search.ood.lower_weight:
+        parts.append(f"ood: {search.ood.name} (upper x"
+                     f"{search.ood.upper_scale:g}, lower weight "
+                     f"{search.ood.lower_weight:g})")
+    if search.adv_train.enabled:
+        parts.append("adversarial training "
+                     f"({search.adv_train.attack.name} "
+                     f"{search.adv_train.attack.eps:g}/255)")
+    return "; ".join(parts)
 
 
 def run_record(method, seed, result):
@@ -100,7 +166,9 @@ def run_record(method, seed, result):
     record = {
         "method": method, "seed": int(seed), "name": f"{method} s{seed}",
         "genotype": result["search"]["genotype"],
-        "search_params_m": result["search"]["genotype_params_m"],
+        "search_params_m": cell_params_m(
+            result["search"]["genotype"],
+            result["train"].get("num_classes", 10)),
         "params_m": result["train"]["params"] / 1e6,
         "macs_m": result["train"]["macs"] / 1e6,
         "image_size": result["train"].get("image_size"),
@@ -162,6 +230,11 @@ def format_results(records, summary, meta):
               f"{meta['image_size']}x{meta['image_size']} inference; the "
               "retrained networks are "
               f"{meta['train_scale']}.", ""]
+    if meta.get("methods"):
+        lines += ["Methods (search settings):", ""]
+        lines += [f"- **{METHODS[m]}** (`{m}`): {text}"
+                  for m, text in meta["methods"].items()]
+        lines.append("")
     header = ["method", "n"] + [h for _, h, _ in COLUMNS]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
@@ -288,6 +361,8 @@ def _reproduce(config, workdir, *, overwrite, command, log):
                         f"{config.train.epochs} epochs"),
         "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(
             timespec="seconds"),
+        "methods": {m: describe_method(method_configs(config, m, 0)[0])
+                    for m in config.methods},
     }
     results_dir = os.path.join(workdir, "results")
     summary = write_results(results_dir, records, config, meta)

@@ -31,6 +31,7 @@ import time
 import numpy as np
 
 from e2rnas_tf import pipeline
+from e2rnas_tf import resources
 
 KINDS = ("params", "flops")
 
@@ -83,10 +84,12 @@ def _check(config):
             isinstance(t, (int, float)) and t > 0 for t in targets):
         raise SweepError(
             "Expected config.targets to be distinct positive numbers "
-            f"(millions of {kind}). Received: {targets!r}")
-    if config.constraint not in ("abs", "max", "floor"):
+            f"({kind} in the units of config.search.resource.cost_model). "
+            f"Received: {targets!r}")
+    constraints = [m for m in resources.CONSTRAINTS if m != "none"]
+    if config.constraint not in constraints:
         raise SweepError(
-            "Expected config.constraint in ['abs', 'max', 'floor']. "
+            f"Expected config.constraint in {constraints}. "
             f"Received: {config.constraint!r}")
     sets = tuple(tuple(s) for s in config.objective_sets)
     if not sets or any(kind not in s for s in sets):
@@ -154,7 +157,8 @@ def format_sweep(points, meta):
              f"- serving model: {meta['serving']}", "",
              "`*` = Pareto-optimal (no other run has fewer parameters and "
              "at least the clean and robust accuracy, better in one).", "",
-             "| setting | target (M) | genotype params at 20 cells C=36 (M)"
+             f"| setting | target ({meta.get('units', 'M')}) | derived "
+             f"genotype's params at {meta.get('scale', '20 cells C=36')} (M)"
              " | params (M) | MACs (M) | clean acc | robust acc | Pareto "
              "| served version |",
              "|---|---|---|---|---|---|---|---|---|"]
@@ -270,6 +274,10 @@ def _sweep(config, workdir, *, export_base, overwrite, command, log):
             "machine": pipeline.describe_machine(),
             "hours": sum(p["seconds"] for p in points) / 3600,
             "resource": config.resource, "constraint": config.constraint,
+            "units": (f"{config.search.resource.cost_model} model, "
+                      f"{config.search.resource.estimate}"),
+            "scale": (f"{config.search.resource.layers} cells "
+                      f"C={config.search.resource.channels}"),
             "robust": robust_label,
             "serving": os.path.join(os.path.abspath(export_base),
                                     config.model_name)}

@@ -93,17 +93,40 @@ def test_method_configs_differ_only_in_the_upper_level():
         assert search.seed == train.seed == 3
         assert search.data.root == train.data.root == "/data/cifar10"
         assert search.data.image_size == c.search.data.image_size
+        # Every method searches at the config's scale.
+        assert search.model.to_dict() == c.search.model.to_dict()
+        assert (search.batch_size, search.epochs) == (c.search.batch_size,
+                                                      c.search.epochs)
+        assert train.to_dict() == configs["darts"][1].to_dict()
     assert tuple(configs["darts"][0].objectives) == ("acc",)
     assert tuple(configs["e2rnas"][0].objectives) == ("acc", "adv", "params")
     assert configs["e2rnas"][0].combine.method == "mgda"
     assert configs["equal"][0].combine.method == "sum"
-    # Apart from objectives/combine, the three searches are the same.
-    def rest(cfg):
+    # Apart from objectives/combine, these three searches are the same.
+    def rest(cfg, *fields):
         d = cfg.to_dict()
-        d.pop("objectives"), d.pop("combine")
+        for field in ("objectives", "combine") + fields:
+            d.pop(field)
         return d
     assert rest(configs["darts"][0]) == rest(configs["e2rnas"][0]) \
         == rest(configs["equal"][0])
+    # The authors' runs: their algorithm, our scale.
+    published, nomgda = configs["published"][0], configs["nomgda"][0]
+    assert tuple(published.objectives) == ("acc", "adv", "params", "ood",
+                                           "flops")
+    assert published.arch.order == "second"
+    assert published.combine.apply_to == "raw"
+    assert published.resource.cost_model == "authors"
+    assert (published.resource.layers, published.resource.channels) == (8, 16)
+    assert published.resource.params_target == 4.0
+    assert published.attack.gradient_at == "clean"
+    assert nomgda.combine.method == "ones"
+    assert rest(published) == rest(nomgda)
+    assert published.combine.method == "mgda"
+    v1 = configs["v1"][0]
+    assert tuple(v1.objectives) == ("acc", "params")
+    assert v1.adv_train.enabled and v1.resource.cost_model == "authors_v1"
+    assert "authors_v1" in reproduce.describe_method(v1)
 
 
 def test_run_stage_reuses_refuses_and_overwrites(tmp_path):
