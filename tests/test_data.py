@@ -6,9 +6,13 @@ CIFAR-10 tarball. The TFDS tests write TFDS's real on-disk format: the real
 `cifar10` / `cifar100` / `svhn_cropped` builders run `download_and_prepare`
 on fake "downloaded" files (CIFAR binary records, SVHN `.mat`) made here, with
 only the download step patched; `data.load` then reads the prepared files
-through `tfds.load(..., data_dir=...)`. No network is used.
+with name lookups failing and TFDS's `download_and_prepare` a spy. The
+offline tests make every name lookup fail (`socket.getaddrinfo`), the layer
+the download probe and `requests` share. No network is used.
 """
 
+import contextlib
+import importlib
 import importlib.resources
 import importlib.util
 import io
@@ -504,6 +508,26 @@ def fake_svhn(download_dir, rng):
     return expected, paths
 
 
+@contextlib.contextmanager
+def no_network_and_no_preparing(monkeypatch):
+    """Within: name lookups fail and TFDS's `download_and_prepare` is a
+    spy; yields (looked-up hosts, spy)."""
+    import socket
+
+    tfds = _tfds()
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    spy = mock.Mock(side_effect=AssertionError("download_and_prepare ran"))
+    with monkeypatch.context() as m:
+        m.setattr(socket, "getaddrinfo", getaddrinfo)
+        m.setattr(tfds.core.DatasetBuilder, "download_and_prepare", spy)
+        yield looked_up, spy
+
+
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn_cropped"])
 def test_tfds_sources_on_prepared_data(tmp_path, name, monkeypatch):
     tfds = _tfds()
@@ -529,7 +553,10 @@ def test_tfds_sources_on_prepared_data(tmp_path, name, monkeypatch):
     with patch:
         tfds.builder(name, data_dir=str(data_dir)).download_and_prepare()
 
-    train, test, info = data.load(cfg(name=name, data_dir=str(data_dir)))
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        train, test, info = data.load(cfg(name=name,
+                                          data_dir=str(data_dir)))
+    assert looked_up == [] and spy.call_count == 0
     assert info.num_classes == num_classes
     assert len(info.class_names) == num_classes
     if name == "cifar10":
@@ -545,18 +572,87 @@ def test_tfds_sources_on_prepared_data(tmp_path, name, monkeypatch):
             assert key[img.tobytes()] == lab
 
 
-def test_tfds_unprepared_without_network_is_a_data_error(tmp_path):
-    tfds = _tfds()
+def snapshot(root):
+    """{relative path: bytes or None for a folder} of everything under
+    `root`."""
+    out = {}
+    for path in sorted(pathlib.Path(root).rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = None if path.is_dir() else path.read_bytes()
+    return out
 
-    def offline(*args, **kwargs):
-        raise OSError("network disabled in this test")
 
-    manager = tfds.download.DownloadManager
-    with mock.patch.object(manager, "download_and_extract", offline), \
-            mock.patch.object(manager, "download", offline):
-        with pytest.raises(data.DataError, match="Cannot load TFDS dataset "
-                                                 "'cifar10'"):
-            data.load(cfg(name="cifar10", data_dir=str(tmp_path / "empty")))
+def user_tfds_dir(root):
+    """A TFDS data_dir that already holds the user's files, among them the
+    debris of an earlier failed download (not ours to delete)."""
+    (root / "downloads" / "manual").mkdir(parents=True)
+    (root / "downloads" / "manual" / "keep.bin").write_bytes(b"mine")
+    (root / "downloads" / "old.tar.gz.tmp.0123").mkdir()
+    (root / "notes.txt").write_text("user notes")
+    return root
+
+
+def test_tfds_offline_refuses_before_downloading(tmp_path, monkeypatch):
+    data_dir = user_tfds_dir(tmp_path / "tfds")
+    before = snapshot(data_dir)
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        message = assert_data_error(
+            lambda: data.load(cfg(name="cifar10", data_dir=str(data_dir))),
+            "'cifar10' is not prepared in " + str(data_dir),
+            "www.cs.toronto.edu is unreachable",
+            "--config.data.data_dir=<dir with prepared tfds data>",
+            "--config.data.name=folder --config.data.root=<image folder>")
+    # The mechanism that makes it fast: one look-up of the one download
+    # host, and TFDS (whose download retries for minutes) never started.
+    assert looked_up == ["www.cs.toronto.edu"], message
+    assert spy.call_count == 0
+    assert snapshot(data_dir) == before
+
+
+def test_tfds_probe_goes_through_the_proxy_requests_would_use(tmp_path,
+                                                              monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        assert_data_error(
+            lambda: data.read_tfds("cifar10", str(tmp_path / "tfds")),
+            "proxy proxy.example:3128 is unreachable",
+            "--config.data.data_dir=")
+    assert looked_up == ["proxy.example"] and spy.call_count == 0
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_tfds_failed_download_removes_only_its_temporaries(tmp_path,
+                                                           monkeypatch):
+    """The hosts answer but the download fails: TFDS's temporary files of
+    this call are removed, the user's files (even old debris) stay."""
+    import socket
+
+    _tfds()
+    downloader = importlib.import_module(
+        "tensorflow_datasets.core.download.downloader")
+    data_dir = user_tfds_dir(tmp_path / "tfds")
+    before = snapshot(data_dir)
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda *a, **k: mock.Mock())  # the probe succeeds
+    seen = []
+
+    def dropped(url, **kwargs):
+        seen.append(sorted(str(p.relative_to(data_dir))
+                           for p in data_dir.rglob("*.tmp.*")))
+        raise ConnectionError(f"connection to {url} dropped")
+
+    monkeypatch.setattr(downloader, "_open_url", dropped)
+    assert_data_error(
+        lambda: data.read_tfds("cifar10", str(data_dir)),
+        "Cannot download TFDS dataset 'cifar10' into " + str(data_dir),
+        "ConnectionError", "--config.data.data_dir=")
+    # TFDS did start, once, with a temporary download folder; it is gone.
+    assert len(seen) == 1, seen
+    assert [p for p in seen[0] if "old.tar.gz" not in p], seen
+    assert snapshot(data_dir) == before
 
 
 # --------------------------------------------------------------------------
