@@ -158,7 +158,10 @@ def load(data_cfg):
         mean/std are computed from the returned training images.
 
     Raises:
-        DataError: for any problem with the data (see the message).
+        DataError: for any problem with the data (see the message), among
+            them data that cannot train a classifier: fewer than 2 classes,
+            or a class without training or test images (after the
+            `num_train` / `num_test` subsets).
 
     Example:
 
@@ -191,6 +194,10 @@ def load(data_cfg):
             name, str(getattr(data_cfg, "data_dir", "") or "")
         )
     num_classes = len(class_names)
+    if num_classes < 2:
+        raise DataError(
+            f"Dataset {name!r} has {num_classes} class(es) {list(class_names)}"
+            "; a classifier needs at least 2 classes")
     _check_labels(train, num_classes, "train")
     _check_labels(test, num_classes, "test")
 
@@ -198,6 +205,8 @@ def load(data_cfg):
                              "num_train")
     test = _balanced_subset(test, num_test, seed, _SALT_TEST_SUBSET,
                             "num_test")
+    _check_every_class(train, class_names, "train", num_train)
+    _check_every_class(test, class_names, "test", num_test)
     if image_size:
         train = ArrayData(resize_images(train.images, image_size),
                           train.labels)
@@ -332,6 +341,41 @@ def steps_per_epoch(num_examples, batch_size, training):
     if training:
         return int(num_examples) // int(batch_size)
     return -(-int(num_examples) // int(batch_size))
+
+
+def check_batch_fits(batch_size, sizes, where=""):
+    """Refuses training splits smaller than one batch, naming the numbers.
+
+    Training drops the last partial batch (static shapes), so such a split
+    would train on nothing. Called by search (both halves of the search
+    split) and train (the training set) before anything is written.
+
+    Args:
+        batch_size: The global batch size.
+        sizes: `{name: number of images}` of the training splits, in the
+            order to report them.
+        where: Optional words after "one batch", e.g. which split.
+
+    Raises:
+        DataError: if any split holds fewer than `batch_size` images.
+
+    Example:
+
+    >>> check_batch_fits(16, {"weight-training": 20, "architecture": 20})
+    >>> try:
+    ...     check_batch_fits(16, {"training": 8})
+    ... except DataError as e:
+    ...     print(str(e).split(";")[0])
+    Fewer training images than one batch: 8 training images, batch_size=16
+    """
+    batch_size = int(batch_size)
+    if all(int(n) >= batch_size for n in sizes.values()):
+        return
+    counts = " / ".join(f"{int(n)} {name}" for name, n in sizes.items())
+    raise DataError(
+        f"Fewer training images than one batch{where}: {counts} images, "
+        f"batch_size={batch_size}; lower config.batch_size or train on more "
+        "images (data.num_train, 0 = all)")
 
 
 def batches(data, batch_size, *, seed, epoch, training, crop_padding=4,
@@ -698,6 +742,10 @@ def list_folder(root):
             "Train/test class mismatch in {}: only in train: {}; only in "
             "test: {}".format(root, only_train or "none", only_test or "none"))
     class_names = tuple(class_sets["train"])
+    if len(class_names) < 2:
+        raise DataError(
+            f"Only 1 class folder in {os.path.join(root, 'train')} "
+            f"({class_names[0]}); a classifier needs at least 2 classes")
     files = {}
     for split in ("train", "test"):
         files[split] = []
@@ -1037,6 +1085,28 @@ def _check_labels(data, num_classes, split):
         raise DataError(
             f"{split} labels out of range: found {int(bad[0])}, expected "
             f"0..{num_classes - 1} for {num_classes} classes")
+
+
+def _check_every_class(data, class_names, split, count):
+    """Every class must have images in `split` (after the subset of
+    `count` examples, 0 = all): a class without test images cannot be
+    scored, one without training images cannot be learned."""
+    if not len(data):
+        return  # load() reports the empty split itself.
+    seen = np.bincount(data.labels, minlength=len(class_names)) > 0
+    missing = [class_names[i] for i in np.flatnonzero(~seen)]
+    if not missing:
+        return
+    n = len(class_names)
+    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    if 0 < count < n:
+        hint = (f"data.num_{split}={count} is fewer than the {n} classes; "
+                f"set it to at least {n} (0 = all)")
+    else:
+        hint = "every class needs training and test images"
+    raise DataError(
+        f"The {split} split has no images of {len(missing)} of the {n} "
+        f"classes ({shown}); {hint}")
 
 
 def _rank_within_class(labels):

@@ -461,13 +461,13 @@ def fake_cifar(download_dir, name, rng):
             "train": [f"data_batch_{i}.bin" for i in range(1, 6)],
             "test": ["test_batch.bin"]}
         label_files = {"batches.meta.txt": [f"c{i}" for i in range(10)]}
-        num_classes, per_file = 10, {"train": 3, "test": 5}
+        num_classes, per_file = 10, {"train": 4, "test": 10}
     else:
         folder, files = "cifar-100-binary", {"train": ["train.bin"],
                                              "test": ["test.bin"]}
         label_files = {"coarse_label_names.txt": [f"k{i}" for i in range(20)],
                        "fine_label_names.txt": [f"f{i}" for i in range(100)]}
-        num_classes, per_file = 100, {"train": 12, "test": 5}
+        num_classes, per_file = 100, {"train": 100, "test": 100}
     base = download_dir / folder
     base.mkdir(parents=True)
     for fname, names in label_files.items():
@@ -475,9 +475,13 @@ def fake_cifar(download_dir, name, rng):
     expected = {}
     for split, fnames in files.items():
         all_images, all_labels = [], []
-        for fname in fnames:
+        # Every class in both splits (data.load refuses a class without
+        # images), in random order.
+        split_labels = rng.permutation(
+            np.arange(per_file[split] * len(fnames)) % num_classes)
+        for k, fname in enumerate(fnames):
             n = per_file[split]
-            labels = rng.integers(0, num_classes, n).astype(np.uint8)
+            labels = split_labels[k * n:(k + 1) * n].astype(np.uint8)
             images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
             with open(base / fname, "wb") as f:
                 for label, image in zip(labels, images):
@@ -496,9 +500,9 @@ def fake_svhn(download_dir, rng):
     scipy_io = pytest.importorskip("scipy.io")
     download_dir.mkdir(parents=True)
     expected, paths = {}, {}
-    for split, n in (("train", 7), ("test", 4), ("extra", 1)):
+    for split, n in (("train", 12), ("test", 10), ("extra", 1)):
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        digits = rng.integers(0, 10, n)
+        digits = rng.permutation(np.arange(n) % 10)  # every class
         # SVHN stores X as [32, 32, 3, N] and digit 0 as label 10.
         scipy_io.savemat(download_dir / f"{split}.mat", {
             "X": np.moveaxis(images, 0, -1),
@@ -771,6 +775,59 @@ def test_error_empty_splits_and_small_batches():
     assert_data_error(lambda: data.load(cfg(name="embedded",
                                             num_train=5000)),
                       "num_train=5000", "2000")
+
+
+def test_error_data_that_cannot_train_a_classifier(tmp_path, monkeypatch):
+    one = make_folder(tmp_path / "one", classes=("a",), size=8)
+    assert_data_error(lambda: data.load(cfg(name="folder", root=str(one))),
+                      f"Only 1 class folder in {one / 'train'} (a)",
+                      "a classifier needs at least 2 classes")
+    # Any other source with one class (here an embedded file).
+    tool = load_tool()
+    path = tmp_path / "one.npz"
+    arrays = tool.build(str(make_jpeg_tarball(tmp_path / "one.tar.gz",
+                                              classes=("a_cls",))),
+                        str(path), {"train": 2, "test": 1})
+    monkeypatch.setattr(data, "embedded_path", lambda: path)
+    assert_data_error(lambda: data.load(cfg(name="embedded")),
+                      "Dataset 'embedded' has 1 class(es) ['a_cls']",
+                      "at least 2 classes")
+    # A class without test images in the data itself.
+    arrays = tool.build(str(make_jpeg_tarball(tmp_path / "two.tar.gz")),
+                        str(path), {"train": 2, "test": 1})
+    arrays["test_labels"][:] = 0
+    tool.write_npz(str(path), arrays)
+    assert_data_error(lambda: data.load(cfg(name="embedded")),
+                      "The test split has no images of 1 of the 2 classes "
+                      "(b_cls)", "every class needs training and test images")
+
+
+def test_error_subsets_that_leave_classes_out():
+    # The shipped subset: 10 classes, balanced subsets.
+    assert_data_error(lambda: data.load(cfg(name="embedded", num_test=5)),
+                      "The test split has no images of 5 of the 10 classes",
+                      "data.num_test=5 is fewer than the 10 classes",
+                      "at least 10 (0 = all)")
+    assert_data_error(lambda: data.load(cfg(name="embedded", num_train=3)),
+                      "The train split has no images of 7 of the 10 classes",
+                      ", ...);", "data.num_train=3")
+    train, test, _ = data.load(cfg(name="embedded", num_train=10,
+                                   num_test=10))
+    assert sorted(train.labels) == sorted(test.labels) == list(range(10))
+
+
+def test_check_batch_fits_names_the_numbers():
+    data.check_batch_fits(8, {"training": 8})  # one full batch is enough
+    assert_data_error(lambda: data.check_batch_fits(16, {"training": 8}),
+                      "Fewer training images than one batch: 8 training "
+                      "images, batch_size=16", "lower config.batch_size",
+                      "data.num_train")
+    assert_data_error(
+        lambda: data.check_batch_fits(
+            16, {"weight-training": 20, "architecture": 12},
+            " in a search split"),
+        "one batch in a search split: 20 weight-training / 12 architecture "
+        "images, batch_size=16")
 
 
 def test_array_data_validates_its_arrays():
