@@ -628,6 +628,20 @@ def test_tfds_probe_goes_through_the_proxy_requests_would_use(tmp_path,
     assert not (tmp_path / "tfds").exists()
 
 
+def test_tfds_incomplete_preparation_is_named(tmp_path, monkeypatch):
+    # A version folder without dataset_info.json (e.g. copied in part):
+    # TFDS would "reuse" it and fail later; it is refused with its path.
+    version_dir = pathlib.Path(_tfds().builder(
+        "cifar10", data_dir=str(tmp_path / "tfds")).data_dir)
+    version_dir.mkdir(parents=True)
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        assert_data_error(
+            lambda: data.read_tfds("cifar10", str(tmp_path / "tfds")),
+            f"{version_dir} holds no dataset_info.json",
+            "delete that folder", "--config.data.data_dir=")
+    assert looked_up == [] and spy.call_count == 0
+
+
 def test_tfds_failed_download_removes_only_its_temporaries(tmp_path,
                                                            monkeypatch):
     """The hosts answer but the download fails: TFDS's temporary files of
