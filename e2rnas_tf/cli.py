@@ -16,6 +16,8 @@ from absl import flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from e2rnas_tf import tf_startup
+
 _CONFIG = config_flags.DEFINE_config_file(
     "config", None, "Config file, configs/<name>.py[:variant]. Fields can be "
     "overridden with --config.<field>=<value>.", lock_config=True)
@@ -185,14 +187,16 @@ def main(argv):
 
 def _quiet_logs():
     # absl INFO lines (one per checkpoint save) drown the progress output;
-    # warnings and errors still show. (TF 2.21's own start-up lines come
-    # from C++ before any setting can reach them.)
+    # warnings and errors still show. TF 2.21's own start-up lines come
+    # from C++ before any setting can reach them: see tf_startup.
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def run():
     """Console-script entry point."""
     _quiet_logs()
+    if sys.argv[1:2] not in ([], ["help"], ["-h"]):  # usage needs no TF
+        tf_startup.import_tensorflow_quietly()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 

@@ -30,7 +30,9 @@ import dataclasses
 import hashlib
 import importlib.resources
 import os
+import socket
 import tempfile
+import threading
 import warnings
 import zipfile
 
@@ -156,7 +158,10 @@ def load(data_cfg):
         mean/std are computed from the returned training images.
 
     Raises:
-        DataError: for any problem with the data (see the message).
+        DataError: for any problem with the data (see the message), among
+            them data that cannot train a classifier: fewer than 2 classes,
+            or a class without training or test images (after the
+            `num_train` / `num_test` subsets).
 
     Example:
 
@@ -189,6 +194,10 @@ def load(data_cfg):
             name, str(getattr(data_cfg, "data_dir", "") or "")
         )
     num_classes = len(class_names)
+    if num_classes < 2:
+        raise DataError(
+            f"Dataset {name!r} has {num_classes} class(es) {list(class_names)}"
+            "; a classifier needs at least 2 classes")
     _check_labels(train, num_classes, "train")
     _check_labels(test, num_classes, "test")
 
@@ -196,6 +205,8 @@ def load(data_cfg):
                              "num_train")
     test = _balanced_subset(test, num_test, seed, _SALT_TEST_SUBSET,
                             "num_test")
+    _check_every_class(train, class_names, "train", num_train)
+    _check_every_class(test, class_names, "test", num_test)
     if image_size:
         train = ArrayData(resize_images(train.images, image_size),
                           train.labels)
@@ -330,6 +341,41 @@ def steps_per_epoch(num_examples, batch_size, training):
     if training:
         return int(num_examples) // int(batch_size)
     return -(-int(num_examples) // int(batch_size))
+
+
+def check_batch_fits(batch_size, sizes, where=""):
+    """Refuses training splits smaller than one batch, naming the numbers.
+
+    Training drops the last partial batch (static shapes), so such a split
+    would train on nothing. Called by search (both halves of the search
+    split) and train (the training set) before anything is written.
+
+    Args:
+        batch_size: The global batch size.
+        sizes: `{name: number of images}` of the training splits, in the
+            order to report them.
+        where: Optional words after "one batch", e.g. which split.
+
+    Raises:
+        DataError: if any split holds fewer than `batch_size` images.
+
+    Example:
+
+    >>> check_batch_fits(16, {"weight-training": 20, "architecture": 20})
+    >>> try:
+    ...     check_batch_fits(16, {"training": 8})
+    ... except DataError as e:
+    ...     print(str(e).split(";")[0])
+    Fewer training images than one batch: 8 training images, batch_size=16
+    """
+    batch_size = int(batch_size)
+    if all(int(n) >= batch_size for n in sizes.values()):
+        return
+    counts = " / ".join(f"{int(n)} {name}" for name, n in sizes.items())
+    raise DataError(
+        f"Fewer training images than one batch{where}: {counts} images, "
+        f"batch_size={batch_size}; lower config.batch_size or train on more "
+        "images (data.num_train, 0 = all)")
 
 
 def batches(data, batch_size, *, seed, epoch, training, crop_padding=4,
@@ -696,6 +742,10 @@ def list_folder(root):
             "Train/test class mismatch in {}: only in train: {}; only in "
             "test: {}".format(root, only_train or "none", only_test or "none"))
     class_names = tuple(class_sets["train"])
+    if len(class_names) < 2:
+        raise DataError(
+            f"Only 1 class folder in {os.path.join(root, 'train')} "
+            f"({class_names[0]}); a classifier needs at least 2 classes")
     files = {}
     for split in ("train", "test"):
         files[split] = []
@@ -773,8 +823,14 @@ def read_folder(root, *, image_size=0, cache_dir=""):
 def read_tfds(name, data_dir=""):
     """Loads a TFDS image classification data set (train and test splits).
 
-    Uses `tfds.load(..., data_dir=...)`, which prepares the data set (and so
-    downloads it) if it is not yet in `data_dir`.
+    Data already prepared in `data_dir` is read without any network access.
+    Otherwise the data set must be downloaded: first each download host (or
+    the proxy `requests` would use) is probed with one TCP connection, so
+    that a machine without network fails at once with the remedies, instead
+    of spending minutes in TFDS's download retries. If the download itself
+    fails, the temporary files TFDS left in `data_dir` by this call
+    (`*.tmp*`, `incomplete.*`, and folders it created that end up empty)
+    are removed; nothing that was there before is touched.
 
     Args:
         name: One of `TFDS_DATASETS`.
@@ -782,6 +838,10 @@ def read_tfds(name, data_dir=""):
 
     Returns:
         `(train, test, class_names)`.
+
+    Raises:
+        DataError: the data set is not prepared and cannot be downloaded, or
+            cannot be read.
     """
     if name not in TFDS_DATASETS:
         raise DataError(
@@ -791,19 +851,29 @@ def read_tfds(name, data_dir=""):
     import tensorflow_datasets as tfds
 
     try:
-        (train, test), info = tfds.load(
-            name, split=["train", "test"], data_dir=data_dir or None,
-            batch_size=-1, as_supervised=True, with_info=True)
-        splits = []
-        for ds in (train, test):
-            images, labels = tfds.as_numpy(ds)
-            splits.append((images, labels))
-        class_names = tuple(info.features["label"].names)
+        builder = tfds.builder(name, data_dir=data_dir or None)
     except Exception as e:  # noqa: BLE001 - any failure means "not loadable".
         raise DataError(
             f"Cannot load TFDS dataset {name!r} (data_dir="
             f"{data_dir or 'TFDS default'}): {type(e).__name__}: "
             f"{_one_line(e)}") from e
+    if not os.path.exists(builder.data_dir):
+        _download_tfds(builder, name)
+    elif not os.path.exists(os.path.join(builder.data_dir,
+                                         "dataset_info.json")):
+        raise DataError(
+            f"{builder.data_dir} holds no dataset_info.json: an incomplete "
+            f"TFDS preparation of {name!r}; delete that folder to prepare it "
+            f"again, or {_TFDS_REMEDY}")
+    try:
+        train, test = builder.as_dataset(
+            split=["train", "test"], batch_size=-1, as_supervised=True)
+        splits = [tuple(tfds.as_numpy(ds)) for ds in (train, test)]
+        class_names = tuple(builder.info.features["label"].names)
+    except Exception as e:  # noqa: BLE001 - any failure means "not loadable".
+        raise DataError(
+            f"Cannot load TFDS dataset {name!r} from {builder.data_dir}: "
+            f"{type(e).__name__}: {_one_line(e)}") from e
     out = []
     for split, (images, labels) in zip(("train", "test"), splits):
         if images.ndim != 4 or images.shape[-1] != 3:
@@ -813,6 +883,120 @@ def read_tfds(name, data_dir=""):
         out.append(ArrayData(images.astype(np.uint8, copy=False),
                              labels.astype(np.int32)))
     return out[0], out[1], class_names
+
+
+_TFDS_REMEDY = (
+    "set --config.data.data_dir=<dir with prepared tfds data> or use "
+    "--config.data.name=folder --config.data.root=<image folder>")
+# Seconds for the whole reachability probe (name lookup and TCP connect of
+# every download host); TFDS's own retries of an unreachable host take
+# minutes (10 retries with exponential back-off).
+_PROBE_SECONDS = 10.0
+_DEFAULT_PORTS = {"http": 80, "https": 443, "ftp": 21}
+
+
+def _download_tfds(builder, name):
+    """Downloads and prepares `builder`'s data set, or raises `DataError`.
+
+    Refuses before TFDS starts if a download host cannot be reached, and
+    removes the temporary files of a download that fails.
+    """
+    root = os.fspath(builder.data_dir_root)
+    unreachable = _unreachable_host(sorted(builder.url_infos or ()))
+    if unreachable:
+        raise DataError(
+            f"TFDS dataset {name!r} is not prepared in {root} and cannot be "
+            f"downloaded ({unreachable}); {_TFDS_REMEDY}")
+    before = _tree(root)
+    try:
+        builder.download_and_prepare()
+    except BaseException as e:
+        _remove_new_temporaries(root, before)
+        if not isinstance(e, Exception):
+            raise
+        raise DataError(
+            f"Cannot download TFDS dataset {name!r} into {root}: "
+            f"{type(e).__name__}: {_one_line(e)}; {_TFDS_REMEDY}") from e
+
+
+def _unreachable_host(urls, timeout=_PROBE_SECONDS):
+    """Probes the hosts that downloading `urls` would connect to.
+
+    Each distinct host (or the proxy that `requests`, TFDS's HTTP client,
+    would use for the URL) gets one TCP connection attempt; all of them
+    together are bounded by `timeout` seconds (a name lookup that hangs is
+    given up on; its thread is a daemon).
+
+    Returns:
+        '' if every host answered, else a short reason naming the first
+        host that did not.
+    """
+    import urllib.parse
+
+    import requests
+
+    targets = []
+    for url in urls:
+        parsed = urllib.parse.urlparse(url)
+        proxy = requests.utils.get_environ_proxies(url)
+        proxy = proxy.get(parsed.scheme) or proxy.get("all")
+        via = urllib.parse.urlparse(proxy) if proxy else parsed
+        target = (via.hostname, via.port or _DEFAULT_PORTS.get(via.scheme,
+                                                               443))
+        label = f"proxy {target[0]}:{target[1]}" if proxy else target[0]
+        if via.hostname and (target, label) not in targets:
+            targets.append((target, label))
+    result = {}
+
+    def probe():
+        for target, label in targets:
+            try:
+                socket.create_connection(target, timeout=timeout).close()
+            except OSError as e:
+                result["error"] = f"{label} is unreachable: {_one_line(e)}"
+                return
+        result["error"] = ""
+
+    thread = threading.Thread(target=probe, daemon=True,
+                              name="e2rnas-tfds-probe")
+    thread.start()
+    thread.join(timeout)
+    if "error" not in result:
+        return f"no answer from {targets[0][1]} within {timeout:g} s"
+    return result["error"]
+
+
+def _tree(root):
+    """Every path under `root` (and `root` itself, if it exists)."""
+    paths = set()
+    if os.path.exists(root):
+        paths.add(root)
+    for dirpath, dirnames, filenames in os.walk(root):
+        paths.update(os.path.join(dirpath, n) for n in dirnames + filenames)
+    return paths
+
+
+def _remove_new_temporaries(root, before):
+    """Removes what a failed TFDS download left under `root` that was not in
+    `before`: temporary files and folders (`*.tmp*`, `incomplete.*`), then
+    new folders left empty. Completed downloads stay (a retry reuses them).
+    """
+    import shutil
+
+    new = sorted(_tree(root) - before, key=len)
+    for path in new:
+        base = os.path.basename(path)
+        if ".tmp" in base or base.startswith("incomplete."):
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path, ignore_errors=True)
+            elif os.path.lexists(path):
+                os.remove(path)
+    for path in sorted(new, key=len, reverse=True):
+        if os.path.isdir(path) and not os.path.islink(path):
+            try:
+                os.rmdir(path)  # only if empty
+            except OSError:
+                pass
 
 
 # --------------------------------------------------------------------------
@@ -901,6 +1085,28 @@ def _check_labels(data, num_classes, split):
         raise DataError(
             f"{split} labels out of range: found {int(bad[0])}, expected "
             f"0..{num_classes - 1} for {num_classes} classes")
+
+
+def _check_every_class(data, class_names, split, count):
+    """Every class must have images in `split` (after the subset of
+    `count` examples, 0 = all): a class without test images cannot be
+    scored, one without training images cannot be learned."""
+    if not len(data):
+        return  # load() reports the empty split itself.
+    seen = np.bincount(data.labels, minlength=len(class_names)) > 0
+    missing = [class_names[i] for i in np.flatnonzero(~seen)]
+    if not missing:
+        return
+    n = len(class_names)
+    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    if 0 < count < n:
+        hint = (f"data.num_{split}={count} is fewer than the {n} classes; "
+                f"set it to at least {n} (0 = all)")
+    else:
+        hint = "every class needs training and test images"
+    raise DataError(
+        f"The {split} split has no images of {len(missing)} of the {n} "
+        f"classes ({shown}); {hint}")
 
 
 def _rank_within_class(labels):

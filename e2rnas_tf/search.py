@@ -283,12 +283,11 @@ def _search(config, workdir, *, overwrite=False, log=print, stack):
     w_split, a_split = data_lib.search_split(
         train, config.data.train_portion, config.seed)
     batch = int(config.batch_size)
+    data_lib.check_batch_fits(
+        batch, {"weight-training": len(w_split), "architecture": len(a_split)},
+        f" in a search split (data.train_portion={config.data.train_portion})")
     available = min(data_lib.steps_per_epoch(len(w_split), batch, True),
                     data_lib.steps_per_epoch(len(a_split), batch, True))
-    if available == 0:
-        raise data_lib.DataError(
-            f"The search splits ({len(w_split)} / {len(a_split)} examples) "
-            f"are smaller than batch_size={batch}")
     steps_per_epoch = int(config.steps_per_epoch) or available
     if steps_per_epoch > available:
         raise ValueError(

@@ -467,6 +467,7 @@ def _train(config, workdir, *, overwrite=False, stack):
             raise ValueError(
                 f"Expected config.{name} divisible by the {replicas} "
                 f"replicas. Received: {name}={config[name]}")
+    data_lib.check_batch_fits(config.batch_size, {"training": len(train_data)})
     available = data_lib.steps_per_epoch(len(train_data), config.batch_size,
                                          training=True)
     steps_per_epoch = int(config.steps_per_epoch) or available

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import pathlib
+import socket
 import subprocess
 import sys
 
@@ -56,6 +57,10 @@ for case in cases:
     # A fresh set of e2rnas flags per case: ml_collections finds the
     # --config.<field> overrides in sys.argv when --config is defined.
     sys.argv = argv
+    # Some cases need an environment of their own (e.g. an unreachable
+    # proxy); it is restored after the case.
+    saved_env = {k: os.environ.get(k) for k in case["env"]}
+    os.environ.update(case["env"])
     for name in list(flags.FLAGS):
         if name in OWN or name.startswith("config."):
             delattr(flags.FLAGS, name)
@@ -69,6 +74,11 @@ for case in cases:
         except BaseException:
             code = "traceback"
             traceback.print_exc(file=err)
+    for k, v in saved_env.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
     results.append({"name": case["name"], "code": code,
                     "stderr": err.getvalue(), "stdout": out.getvalue()[-500:],
                     "intact": before == tree_hash()})
@@ -163,6 +173,20 @@ def _cases(tmp):
         _png(p, np.zeros((8, 6, 3), np.uint8))
     notimage = _folder(tmp / "data_notimage")
     (notimage / "train" / "a" / "0.png").write_text("hello")
+    # Enough images to train a batch: one class used to train, exit 0.
+    one_class = _folder(tmp / "data_one_class", classes=("a",), per_class=16)
+    no_test_images = _folder(tmp / "data_no_test_images")
+    for p in (no_test_images / "test" / "b").iterdir():
+        p.unlink()
+    # A TFDS data_dir holding the user's files but not the data set, and a
+    # proxy nobody listens on: a machine without network, whatever this
+    # one has (the download goes through the proxy, and so does the probe).
+    tfds_dir = tmp / "tfds_user"
+    (tfds_dir / "downloads" / "manual").mkdir(parents=True)
+    (tfds_dir / "downloads" / "manual" / "keep.bin").write_bytes(b"mine")
+    no_network = {"HTTPS_PROXY": f"http://127.0.0.1:{_closed_port()}",
+                  "HTTP_PROXY": f"http://127.0.0.1:{_closed_port()}",
+                  "NO_PROXY": "", "no_proxy": ""}
     del good
 
     train = ["train", f"--config={cfg}"]
@@ -222,7 +246,7 @@ def _cases(tmp):
          ["--config.eval_on=train"], "Expected config.eval_on in"),
         ("search batch larger than the split",
          ["search", new_s] + SEARCH + ["--config.batch_size=4096"],
-         "smaller than batch_size=4096"),
+         "32 weight-training / 32 architecture images, batch_size=4096"),
         # Genotypes.
         ("unknown genotype name", train + [new, "--genotype=NOPE"],
          "NOPE"),
@@ -264,6 +288,33 @@ def _cases(tmp):
          train + [new, folder, f"--config.data.root={sizes}",
                   "--config.data.image_size=0"],
          "Images have different sizes"),
+        ("data: one class",
+         train + [new, folder, f"--config.data.root={one_class}",
+                  "--config.data.num_train=0", "--config.data.num_test=0"],
+         "a classifier needs at least 2 classes"),
+        ("data: a class with no test images",
+         train + [new, folder, f"--config.data.root={no_test_images}"],
+         "test/b has no images"),
+        ("num_test leaves classes without test images",
+         train + [new, "--config.data.num_test=5"],
+         "The test split has no images of 5 of the 10 classes"),
+        ("num_train leaves classes without training images",
+         train + [new, "--config.data.num_train=5"],
+         "The train split has no images of 5 of the 10 classes"),
+        ("train: fewer training images than one batch",
+         train + [new, "--config.data.num_train=10"],
+         "Fewer training images than one batch: 10 training images, "
+         "batch_size=16"),
+        ("search: num_train too small for a batch in each half",
+         ["search", new_s] + SEARCH + ["--config.data.num_train=12"],
+         "Fewer training images than one batch in a search split "
+         "(data.train_portion=0.5): 6 weight-training / 6 architecture "
+         "images, batch_size=8"),
+        ("tfds data set not prepared, no network",
+         train + [new, "--config.data.name=cifar10",
+                  f"--config.data.data_dir={tfds_dir}"],
+         f"'cifar10' is not prepared in {tfds_dir} and cannot be downloaded",
+         no_network),
         ("data: non-square images",
          train + [new, folder, f"--config.data.root={nonsquare}",
                   "--config.data.image_size=0", "--config.data.num_train=0",
@@ -317,6 +368,13 @@ def _cases(tmp):
     ]
 
 
+def _closed_port():
+    """A local TCP port nothing listens on (connecting is refused)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _damage_checkpoints(tmp):
     """The train checkpoints of ``good`` all truncated (for the resume
     case run after the driver's first pass)."""
@@ -328,8 +386,9 @@ def _damage_checkpoints(tmp):
 def _run_driver(tmp, cases, watch):
     (tmp / "driver.py").write_text(DRIVER)
     spec = tmp / "cases.json"
-    spec.write_text(json.dumps([{"name": n, "argv": a} for n, a, _ in
-                                cases]))
+    spec.write_text(json.dumps([
+        {"name": n, "argv": a, "env": env[0] if env else {}}
+        for n, a, _, *env in cases]))
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
                TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="2",
                PYTHONPATH=str(REPO))
@@ -343,7 +402,7 @@ def _run_driver(tmp, cases, watch):
 
 def _check(results, cases):
     problems = []
-    for (name, _, expected), r in zip(cases, results):
+    for (name, _, expected, *_), r in zip(cases, results):
         # Warnings (a damaged checkpoint) may precede the error line.
         lines = [line for line in r["stderr"].splitlines()
                  if line.strip() and not line.startswith("WARNING:")]
@@ -373,10 +432,11 @@ def cli_results(tmp_path_factory):
                 f"--workdir={tmp / 'good'}"], "no intact checkpoint")]
     results = _run_driver(tmp, cases[:1], [])
     _damage_checkpoints(tmp)
-    results += _run_driver(tmp, cases[1:], [tmp / "good"])
+    results += _run_driver(tmp, cases[1:], [tmp / "good",
+                                            tmp / "tfds_user"])
     if os.environ.get("E2RNAS_BAD_INPUTS_TABLE"):
         with open(os.environ["E2RNAS_BAD_INPUTS_TABLE"], "w") as f:
-            for (name, _, _), r in zip(cases, results):
+            for (name, *_), r in zip(cases, results):
                 line = r["stderr"].strip().splitlines()
                 f.write(f"| {name} | {r['code']} | "
                         f"{line[-1] if line else ''} |\n")

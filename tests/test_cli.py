@@ -1,23 +1,20 @@
 """Smoke tests of the ``e2rnas`` command line, run as a user would
 (``python -m e2rnas_tf ...`` in a subprocess, from the checkout)."""
 
+import os
 import pathlib
 import re
+import socket
 import subprocess
 import sys
 
 import pytest
 
+from e2rnas_tf import tf_startup
 from e2rnas_tf.ops import PRIMITIVES
 from layer_test_util import search_network_counts
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-
-# What TensorFlow's native runtime prints on import whatever the log level
-# (it logs before absl logging is initialised).
-_TF_NOISE = re.compile(
-    r"^(WARNING: All log messages before absl::InitializeLog"
-    r"|[IWEF]\d{4} [\d:. ]+\d+ \S+:\d+\])")
 
 
 def run(subprocess_env, *args, timeout=300):
@@ -27,9 +24,9 @@ def run(subprocess_env, *args, timeout=300):
 
 
 def user_stderr(result):
-    """stderr lines that are not TF's start-up chatter."""
-    return [line for line in result.stderr.splitlines()
-            if line.strip() and not _TF_NOISE.match(line)]
+    """Every non-blank stderr line (TensorFlow's start-up lines are gone:
+    `tf_startup`)."""
+    return [line for line in result.stderr.splitlines() if line.strip()]
 
 
 def assert_one_line_error(result, *fragments):
@@ -114,3 +111,119 @@ def test_config_file_that_raises(subprocess_env, tmp_path):
     bad.write_text("def get_config():\n    raise ValueError('bad field x')\n")
     assert_one_line_error(run(subprocess_env, "info", f"--config={bad}"),
                           "ValueError: bad field x")
+
+
+# --------------------------------------------------------------------------
+# TensorFlow's start-up lines (tf_startup).
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def user_env(subprocess_env):
+    """The environment of a user who set no TensorFlow log variable."""
+    env = dict(subprocess_env)
+    env.pop("TF_CPP_MIN_LOG_LEVEL", None)
+    return env
+
+
+def _closed_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["train", "--config=configs/train_demo.py"], "Expected --workdir"),
+    (["train", "--config=configs/train_demo.py", "--workdir={tmp}/w",
+      "--config.data.name=folder", "--config.data.root=/nonexistent/data"],
+     "Data root /nonexistent/data does not exist"),
+    (["train", "--config=configs/train_demo.py", "--workdir={tmp}/w",
+      "--config.data.name=cifar10", "--config.data.data_dir={tmp}/tfds"],
+     "'cifar10' is not prepared in"),
+], ids=["no_workdir", "bad_data_root", "tfds_offline"])
+def test_user_error_is_the_only_stderr_line(user_env, tmp_path, args,
+                                            fragment):
+    # No network for the TFDS case, whatever this machine has: the probe
+    # and the download go through a proxy nobody listens on.
+    user_env.update(HTTPS_PROXY=f"http://127.0.0.1:{_closed_port()}",
+                    NO_PROXY="", no_proxy="")
+    args = [a.format(tmp=tmp_path) for a in args]
+    result = run(user_env, *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith("e2rnas train: error: ")
+    assert fragment in lines[0]
+    assert not (tmp_path / "w").exists()
+
+
+PROBE = """
+import os, sys
+from e2rnas_tf import tf_startup
+tf_startup.import_tensorflow_quietly()
+print(os.environ["TF_CPP_MIN_LOG_LEVEL"], "tensorflow" in sys.modules)
+"""
+
+
+def _records(stderr):
+    """absl records with time and thread id removed, and the banner."""
+    return sorted(re.sub(r"^([IWEF])\d{4} [\d:.]+ +\d+ ", r"\1 ", line)
+                  for line in stderr.splitlines()
+                  if re.match(r"^[IWEF]\d{4} ", line)
+                  or line == tf_startup.ABSL_BANNER)
+
+
+def test_quiet_import_default_level_and_user_levels(user_env):
+    def probe(**env):
+        result = subprocess.run(
+            [sys.executable, "-c", PROBE], cwd=REPO, text=True,
+            capture_output=True, env=dict(user_env, **env), timeout=300)
+        assert result.returncode == 0, result.stderr
+        return result
+
+    quiet = probe()
+    assert quiet.stdout.split() == ["3", "True"]
+    assert quiet.stderr == ""
+    # A user's own level is kept; 0 shows what a plain import shows.
+    loud = probe(TF_CPP_MIN_LOG_LEVEL="0")
+    assert loud.stdout.split() == ["0", "True"]
+    plain = subprocess.run(
+        [sys.executable, "-c", "import tensorflow"], text=True,
+        capture_output=True, env=dict(user_env, TF_CPP_MIN_LOG_LEVEL="0"),
+        timeout=300)
+    assert _records(loud.stderr) == _records(plain.stderr)
+    assert probe(TF_CPP_MIN_LOG_LEVEL="1").stdout.split() == ["1", "True"]
+
+
+STARTUP = (
+    tf_startup.ABSL_BANNER + "\n"
+    "I0000 00:00:1796100230.297574    4924 port.cc:153] oneDNN custom "
+    "operations are on.\n"
+    "W0000 00:00:1796100230.298364    4924 some.cc:31] a warning\n"
+    "/x/y.py:3: DeprecationWarning: a Python warning\n"
+    "E0000 00:00:1796100232.900550    4924 cuda_platform.cc:52] failed call "
+    "to cuInit\n"
+    "F0000 00:00:1796100232.900551    4924 x.cc:1] fatal\n")
+
+
+@pytest.mark.parametrize("level,kept", [
+    (0, "IWPEF"), (1, "WPEF"), (2, "PEF"), (3, "PF")])
+def test_drop_startup_lines(level, kept):
+    out = tf_startup.drop_startup_lines(STARTUP, level).splitlines()
+    assert [line[0] if line[0] in "IWEF" else "P" for line in out
+            if line != tf_startup.ABSL_BANNER] == list(kept)
+    assert (tf_startup.ABSL_BANNER in out) == (level == 0)
+
+
+def test_stderr_capture_restores_fd2_and_replays_on_failure(capfd):
+    with tf_startup._stderr_captured() as captured:
+        os.write(2, b"native line\n")
+    assert captured == ["native line\n"]
+    assert capfd.readouterr().err == ""
+    with pytest.raises(RuntimeError):
+        with tf_startup._stderr_captured():
+            os.write(2, b"why the import failed\n")
+            raise RuntimeError("import failed")
+    assert capfd.readouterr().err == "why the import failed\n"
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"

@@ -6,9 +6,13 @@ CIFAR-10 tarball. The TFDS tests write TFDS's real on-disk format: the real
 `cifar10` / `cifar100` / `svhn_cropped` builders run `download_and_prepare`
 on fake "downloaded" files (CIFAR binary records, SVHN `.mat`) made here, with
 only the download step patched; `data.load` then reads the prepared files
-through `tfds.load(..., data_dir=...)`. No network is used.
+with name lookups failing and TFDS's `download_and_prepare` a spy. The
+offline tests make every name lookup fail (`socket.getaddrinfo`), the layer
+the download probe and `requests` share. No network is used.
 """
 
+import contextlib
+import importlib
 import importlib.resources
 import importlib.util
 import io
@@ -457,13 +461,13 @@ def fake_cifar(download_dir, name, rng):
             "train": [f"data_batch_{i}.bin" for i in range(1, 6)],
             "test": ["test_batch.bin"]}
         label_files = {"batches.meta.txt": [f"c{i}" for i in range(10)]}
-        num_classes, per_file = 10, {"train": 3, "test": 5}
+        num_classes, per_file = 10, {"train": 4, "test": 10}
     else:
         folder, files = "cifar-100-binary", {"train": ["train.bin"],
                                              "test": ["test.bin"]}
         label_files = {"coarse_label_names.txt": [f"k{i}" for i in range(20)],
                        "fine_label_names.txt": [f"f{i}" for i in range(100)]}
-        num_classes, per_file = 100, {"train": 12, "test": 5}
+        num_classes, per_file = 100, {"train": 100, "test": 100}
     base = download_dir / folder
     base.mkdir(parents=True)
     for fname, names in label_files.items():
@@ -471,9 +475,13 @@ def fake_cifar(download_dir, name, rng):
     expected = {}
     for split, fnames in files.items():
         all_images, all_labels = [], []
-        for fname in fnames:
+        # Every class in both splits (data.load refuses a class without
+        # images), in random order.
+        split_labels = rng.permutation(
+            np.arange(per_file[split] * len(fnames)) % num_classes)
+        for k, fname in enumerate(fnames):
             n = per_file[split]
-            labels = rng.integers(0, num_classes, n).astype(np.uint8)
+            labels = split_labels[k * n:(k + 1) * n].astype(np.uint8)
             images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
             with open(base / fname, "wb") as f:
                 for label, image in zip(labels, images):
@@ -492,9 +500,9 @@ def fake_svhn(download_dir, rng):
     scipy_io = pytest.importorskip("scipy.io")
     download_dir.mkdir(parents=True)
     expected, paths = {}, {}
-    for split, n in (("train", 7), ("test", 4), ("extra", 1)):
+    for split, n in (("train", 12), ("test", 10), ("extra", 1)):
         images = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        digits = rng.integers(0, 10, n)
+        digits = rng.permutation(np.arange(n) % 10)  # every class
         # SVHN stores X as [32, 32, 3, N] and digit 0 as label 10.
         scipy_io.savemat(download_dir / f"{split}.mat", {
             "X": np.moveaxis(images, 0, -1),
@@ -502,6 +510,26 @@ def fake_svhn(download_dir, rng):
         expected[split] = (images, digits)
         paths[split] = str(download_dir / f"{split}.mat")
     return expected, paths
+
+
+@contextlib.contextmanager
+def no_network_and_no_preparing(monkeypatch):
+    """Within: name lookups fail and TFDS's `download_and_prepare` is a
+    spy; yields (looked-up hosts, spy)."""
+    import socket
+
+    tfds = _tfds()
+    looked_up = []
+
+    def getaddrinfo(host, *args, **kwargs):
+        looked_up.append(host)
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    spy = mock.Mock(side_effect=AssertionError("download_and_prepare ran"))
+    with monkeypatch.context() as m:
+        m.setattr(socket, "getaddrinfo", getaddrinfo)
+        m.setattr(tfds.core.DatasetBuilder, "download_and_prepare", spy)
+        yield looked_up, spy
 
 
 @pytest.mark.parametrize("name", ["cifar10", "cifar100", "svhn_cropped"])
@@ -529,7 +557,10 @@ def test_tfds_sources_on_prepared_data(tmp_path, name, monkeypatch):
     with patch:
         tfds.builder(name, data_dir=str(data_dir)).download_and_prepare()
 
-    train, test, info = data.load(cfg(name=name, data_dir=str(data_dir)))
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        train, test, info = data.load(cfg(name=name,
+                                          data_dir=str(data_dir)))
+    assert looked_up == [] and spy.call_count == 0
     assert info.num_classes == num_classes
     assert len(info.class_names) == num_classes
     if name == "cifar10":
@@ -545,18 +576,101 @@ def test_tfds_sources_on_prepared_data(tmp_path, name, monkeypatch):
             assert key[img.tobytes()] == lab
 
 
-def test_tfds_unprepared_without_network_is_a_data_error(tmp_path):
-    tfds = _tfds()
+def snapshot(root):
+    """{relative path: bytes or None for a folder} of everything under
+    `root`."""
+    out = {}
+    for path in sorted(pathlib.Path(root).rglob("*")):
+        rel = str(path.relative_to(root))
+        out[rel] = None if path.is_dir() else path.read_bytes()
+    return out
 
-    def offline(*args, **kwargs):
-        raise OSError("network disabled in this test")
 
-    manager = tfds.download.DownloadManager
-    with mock.patch.object(manager, "download_and_extract", offline), \
-            mock.patch.object(manager, "download", offline):
-        with pytest.raises(data.DataError, match="Cannot load TFDS dataset "
-                                                 "'cifar10'"):
-            data.load(cfg(name="cifar10", data_dir=str(tmp_path / "empty")))
+def user_tfds_dir(root):
+    """A TFDS data_dir that already holds the user's files, among them the
+    debris of an earlier failed download (not ours to delete)."""
+    (root / "downloads" / "manual").mkdir(parents=True)
+    (root / "downloads" / "manual" / "keep.bin").write_bytes(b"mine")
+    (root / "downloads" / "old.tar.gz.tmp.0123").mkdir()
+    (root / "notes.txt").write_text("user notes")
+    return root
+
+
+def test_tfds_offline_refuses_before_downloading(tmp_path, monkeypatch):
+    data_dir = user_tfds_dir(tmp_path / "tfds")
+    before = snapshot(data_dir)
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        message = assert_data_error(
+            lambda: data.load(cfg(name="cifar10", data_dir=str(data_dir))),
+            "'cifar10' is not prepared in " + str(data_dir),
+            "www.cs.toronto.edu is unreachable",
+            "--config.data.data_dir=<dir with prepared tfds data>",
+            "--config.data.name=folder --config.data.root=<image folder>")
+    # The mechanism that makes it fast: one look-up of the one download
+    # host, and TFDS (whose download retries for minutes) never started.
+    assert looked_up == ["www.cs.toronto.edu"], message
+    assert spy.call_count == 0
+    assert snapshot(data_dir) == before
+
+
+def test_tfds_probe_goes_through_the_proxy_requests_would_use(tmp_path,
+                                                              monkeypatch):
+    monkeypatch.setenv("HTTPS_PROXY", "http://proxy.example:3128")
+    for name in ("NO_PROXY", "no_proxy", "https_proxy", "ALL_PROXY",
+                 "all_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        assert_data_error(
+            lambda: data.read_tfds("cifar10", str(tmp_path / "tfds")),
+            "proxy proxy.example:3128 is unreachable",
+            "--config.data.data_dir=")
+    assert looked_up == ["proxy.example"] and spy.call_count == 0
+    assert not (tmp_path / "tfds").exists()
+
+
+def test_tfds_incomplete_preparation_is_named(tmp_path, monkeypatch):
+    # A version folder without dataset_info.json (e.g. copied in part):
+    # TFDS would "reuse" it and fail later; it is refused with its path.
+    version_dir = pathlib.Path(_tfds().builder(
+        "cifar10", data_dir=str(tmp_path / "tfds")).data_dir)
+    version_dir.mkdir(parents=True)
+    with no_network_and_no_preparing(monkeypatch) as (looked_up, spy):
+        assert_data_error(
+            lambda: data.read_tfds("cifar10", str(tmp_path / "tfds")),
+            f"{version_dir} holds no dataset_info.json",
+            "delete that folder", "--config.data.data_dir=")
+    assert looked_up == [] and spy.call_count == 0
+
+
+def test_tfds_failed_download_removes_only_its_temporaries(tmp_path,
+                                                           monkeypatch):
+    """The hosts answer but the download fails: TFDS's temporary files of
+    this call are removed, the user's files (even old debris) stay."""
+    import socket
+
+    _tfds()
+    downloader = importlib.import_module(
+        "tensorflow_datasets.core.download.downloader")
+    data_dir = user_tfds_dir(tmp_path / "tfds")
+    before = snapshot(data_dir)
+    monkeypatch.setattr(socket, "create_connection",
+                        lambda *a, **k: mock.Mock())  # the probe succeeds
+    seen = []
+
+    def dropped(url, **kwargs):
+        seen.append(sorted(str(p.relative_to(data_dir))
+                           for p in data_dir.rglob("*.tmp.*")))
+        raise ConnectionError(f"connection to {url} dropped")
+
+    monkeypatch.setattr(downloader, "_open_url", dropped)
+    assert_data_error(
+        lambda: data.read_tfds("cifar10", str(data_dir)),
+        "Cannot download TFDS dataset 'cifar10' into " + str(data_dir),
+        "ConnectionError", "--config.data.data_dir=")
+    # TFDS did start, once, with a temporary download folder; it is gone.
+    assert len(seen) == 1, seen
+    assert [p for p in seen[0] if "old.tar.gz" not in p], seen
+    assert snapshot(data_dir) == before
 
 
 # --------------------------------------------------------------------------
@@ -675,6 +789,59 @@ def test_error_empty_splits_and_small_batches():
     assert_data_error(lambda: data.load(cfg(name="embedded",
                                             num_train=5000)),
                       "num_train=5000", "2000")
+
+
+def test_error_data_that_cannot_train_a_classifier(tmp_path, monkeypatch):
+    one = make_folder(tmp_path / "one", classes=("a",), size=8)
+    assert_data_error(lambda: data.load(cfg(name="folder", root=str(one))),
+                      f"Only 1 class folder in {one / 'train'} (a)",
+                      "a classifier needs at least 2 classes")
+    # Any other source with one class (here an embedded file).
+    tool = load_tool()
+    path = tmp_path / "one.npz"
+    arrays = tool.build(str(make_jpeg_tarball(tmp_path / "one.tar.gz",
+                                              classes=("a_cls",))),
+                        str(path), {"train": 2, "test": 1})
+    monkeypatch.setattr(data, "embedded_path", lambda: path)
+    assert_data_error(lambda: data.load(cfg(name="embedded")),
+                      "Dataset 'embedded' has 1 class(es) ['a_cls']",
+                      "at least 2 classes")
+    # A class without test images in the data itself.
+    arrays = tool.build(str(make_jpeg_tarball(tmp_path / "two.tar.gz")),
+                        str(path), {"train": 2, "test": 1})
+    arrays["test_labels"][:] = 0
+    tool.write_npz(str(path), arrays)
+    assert_data_error(lambda: data.load(cfg(name="embedded")),
+                      "The test split has no images of 1 of the 2 classes "
+                      "(b_cls)", "every class needs training and test images")
+
+
+def test_error_subsets_that_leave_classes_out():
+    # The shipped subset: 10 classes, balanced subsets.
+    assert_data_error(lambda: data.load(cfg(name="embedded", num_test=5)),
+                      "The test split has no images of 5 of the 10 classes",
+                      "data.num_test=5 is fewer than the 10 classes",
+                      "at least 10 (0 = all)")
+    assert_data_error(lambda: data.load(cfg(name="embedded", num_train=3)),
+                      "The train split has no images of 7 of the 10 classes",
+                      ", ...);", "data.num_train=3")
+    train, test, _ = data.load(cfg(name="embedded", num_train=10,
+                                   num_test=10))
+    assert sorted(train.labels) == sorted(test.labels) == list(range(10))
+
+
+def test_check_batch_fits_names_the_numbers():
+    data.check_batch_fits(8, {"training": 8})  # one full batch is enough
+    assert_data_error(lambda: data.check_batch_fits(16, {"training": 8}),
+                      "Fewer training images than one batch: 8 training "
+                      "images, batch_size=16", "lower config.batch_size",
+                      "data.num_train")
+    assert_data_error(
+        lambda: data.check_batch_fits(
+            16, {"weight-training": 20, "architecture": 12},
+            " in a search split"),
+        "one batch in a search split: 20 weight-training / 12 architecture "
+        "images, batch_size=16")
 
 
 def test_array_data_validates_its_arrays():
