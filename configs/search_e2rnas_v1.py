@@ -5,7 +5,9 @@ CVPR2021") of github.com/yuezhixiong/NAS-Benchmark
 (`config_lib.set_e2rnas_v1`; docs/fidelity.md):
 
 - upper level: acc + params, MGDA (their solver) on unnormalised gradients
-  applied to the raw losses, second order;
+  applied to the raw losses, with their accumulated gradients (MGDA sees
+  ``[g_acc, g_acc + g_params]``, the step is ``(1 + c_1) g_acc + (1 + c_2)
+  g_params``), second order;
 - params: the first version's formula (raw counts, supernet scale 8 cells
   C=16) with ``min`` = ``max(1e6 - params, 1)``, a lower bound the uniform
   supernet (1.83e6) already satisfies;

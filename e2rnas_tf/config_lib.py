@@ -125,7 +125,10 @@ def search_config():
         apply_to="normalized",
         # exact (every support solved) | authors (their MinNormSolver,
         # with its 0.999/0.001 vertex clamps), docs/fidelity.md.
-        solver="exact"))
+        solver="exact",
+        # The first version's accumulated .grad: MGDA on prefix sums of
+        # the gradients, weights 1 + c_k (mgda.combine).
+        accumulate=False))
     c.attack = attack_config()
     # Resource objectives (docs/fidelity.md, e2rnas_tf/resources.py).
     c.resource = ml_collections.ConfigDict(dict(
@@ -158,7 +161,7 @@ def search_config():
         upper_scale=10.0,    # the `ood` objective is upper_scale * KL
         lower_weight=0.0,    # weights' loss: CE + lower_weight * KL
         # lower_weight * epoch / epochs instead (0-based epoch): the
-        # authors' code when the published genotype was searched.
+        # authors' "oodS" runs (docs/fidelity.md).
         lower_ramp=False))
     runtime_config(c)
     return c
@@ -188,8 +191,7 @@ def set_e2rnas_published(c):
     C=16) with ``abs`` and target 4 (``constrain_min = 4``: 4e5
     parameters, 4e8 FLOPs); adv: FGSM at 2/255, step 1.25 eps, random start,
     gradient at the clean image; ood: 10 x KL on SVHN (not augmented).
-    Lower level: clean CE + (epoch / 50) x KL on the SVHN batch (a ramp in
-    their code of those days). Second order, cutout
+    Lower level: clean CE + 1 x KL on the SVHN batch. Second order, cutout
     16 on the search data. Leaves ``c.ood.name`` (the OOD source) as it is:
     ``svhn_cropped`` by default, ``noise`` offline.
 
@@ -214,9 +216,10 @@ def set_e2rnas_published(c):
         flops_target=4.0, flops_constraint="abs")
     c.ood.upper_scale = 10.0
     c.ood.lower_weight = 1.0
-    # In their train_search.py from 2021-03-04 11:18 (68bc3b3) to 03-09
-    # (3da1ec3), the window in which this run ran (docs/fidelity.md).
-    c.ood.lower_ramp = True
+    # Constant: the ramp of their code of 03-04..03-09 belongs to the
+    # "oodS" runs (docs/fidelity.md, "Which code").
+    c.ood.lower_ramp = False
+    c.arch.warmup_epochs = 0
     # Their end-of-epoch accuracy is on the architecture split.
     c.eval_on = "valid"
     return c
@@ -228,11 +231,13 @@ def set_e2rnas_v1(c):
     ``DARTS_LBJ/fgsm_nop_min.sh`` at commit 98da776: ``train_search.py
     --unrolled --cutout --adv FGSM --nop --MGDA --constrain min``. Upper
     level: acc + nop, MGDA (their solver) on unnormalised gradients
-    (``--grad_norm`` off), applied to the raw losses; nop their first
+    (``--grad_norm`` off), applied to the raw losses, with their
+    accumulated ``.grad`` (MGDA sees ``[g_acc, g_acc + g_nop]``, the
+    direction is ``(1 + c_1) g_acc + (1 + c_2) g_nop``); nop their first
     formula (raw counts) with ``min`` = ``max(T - nop, 1)`` and the default
     ``T = 1e6``: a lower bound that the uniform supernet (1.83e6) is above,
-    so nop starts with a zero gradient and MGDA's 0.999/0.001 clamps keep
-    the accuracy direction alive. Lower level: FGSM adversarial training
+    so nop starts with a zero gradient and the direction is 1.999 g_acc.
+    Lower level: FGSM adversarial training
     only (eps 2/255, step 1.25 eps, random start, gradient at the clean
     image). Second order, cutout 16.
 
@@ -246,7 +251,9 @@ def set_e2rnas_v1(c):
     c.combine.normalization = "none"
     c.combine.apply_to = "raw"
     c.combine.solver = "authors"
+    c.combine.accumulate = True
     c.arch.order = "second"
+    c.arch.warmup_epochs = 0
     c.data.cutout = 16
     c.adv_train.enabled = True
     c.adv_train.attack.update(name="fgsm", eps=2.0, step_size=0.0, steps=1,

@@ -512,7 +512,8 @@ def _fixed_weights(fixed_weights, num):
 
 
 def combine(grads, losses, *, method="mgda", normalization="l2",
-            fixed_weights=None, apply_to="normalized", solver="exact"):
+            fixed_weights=None, apply_to="normalized", solver="exact",
+            accumulate=False):
     """Combines per-objective gradients into one architecture update.
 
     The gradients are first rescaled with `normalization` (see
@@ -531,6 +532,14 @@ def combine(grads, losses, *, method="mgda", normalization="l2",
     The direction is `sum_k c_k g_k` over the normalised gradients, or over
     the raw gradients with `apply_to="raw"` (same weights). Pass it to the
     architecture optimizer as the gradient.
+
+    `accumulate=True` reproduces the authors' first version, which took
+    each objective's gradient with `backward()` into a `.grad` that nothing
+    cleared between objectives: objective k's "gradient" was the sum of the
+    first k gradients, and the final `backward()` of the weighted loss added
+    to what was there. The weights are then solved on those prefix sums
+    and the returned weights are `1 + c_k`, the factors each objective's own
+    gradient ends up multiplied by (with `"ones"`: 2 each).
 
     Failures are reported, never propagated: if any gradient or loss is NaN
     or Inf, if a `"loss"` mode meets a non-positive loss, or if the Gram
@@ -553,6 +562,7 @@ def combine(grads, losses, *, method="mgda", normalization="l2",
         apply_to: `"normalized"` or `"raw"`: which gradients the weights
             multiply.
         solver: `"exact"` or `"authors"`, the min-norm solver of `"mgda"`.
+        accumulate: the first version's accumulated gradients (above).
 
     Returns:
         A tuple `(direction, weights, ok)`: `direction` is a list of tensors
@@ -607,7 +617,11 @@ def combine(grads, losses, *, method="mgda", normalization="l2",
         # discarded through `ok` anyway.
         losses = tf.where(ok, losses, 1.0)
     grads = [[tf.where(ok, t, tf.zeros_like(t)) for t in g] for g in grads]
-    normalized = normalize_gradients(grads, losses, normalization)
+    seen = grads
+    if accumulate:
+        seen = [[tf.add_n([grads[j][v] for j in range(k + 1)])
+                 for v in range(len(grads[k]))] for k in range(num)]
+    normalized = normalize_gradients(seen, losses, normalization)
 
     if method == "mgda":
         gram = gram_matrix(normalized)
@@ -622,6 +636,10 @@ def combine(grads, losses, *, method="mgda", normalization="l2",
         weights = tf.ones([num])
     else:
         weights = constant_weights
+    if accumulate:
+        weights = 1.0 + weights
+        if apply_to == "normalized":
+            normalized = normalize_gradients(grads, losses, normalization)
 
     source = normalized if apply_to == "normalized" else grads
     direction = []

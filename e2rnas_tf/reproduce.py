@@ -141,7 +141,9 @@ def describe_method(search):
              + (f" ({search.combine.normalization}, applied to "
                 f"{search.combine.apply_to}, {search.combine.solver} solver)"
                 if len(objectives) > 1 else ""),
-             f"{search.arch.order} order"]
+             f"{search.arch.order} order"
+             + (f", alpha frozen for {search.arch.warmup_epochs} warm-up "
+                f"epoch(s)" if search.arch.warmup_epochs else "")]
     for kind in ("params", "flops"):
         if kind in objectives:
             parts.append(

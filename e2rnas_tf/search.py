@@ -16,7 +16,8 @@ writes into its work directory:
   and the step/epoch counters;
 - ``tb/``: TensorBoard: every step's scalars (objectives, MGDA weights,
   learning rates, alpha entropy per cell type, skip connections and
-  parameters of the current derived genotype), per epoch alpha heat maps,
+  ``derived/params``, the parameters of the current derived genotype),
+  per epoch alpha heat maps,
   cell diagrams and the genotype as text, the config as hparams, and a
   profiler trace for ``config.profile_steps="START,END"``;
 - ``plots/``: cell diagrams of the final genotype, alpha evolution and the
@@ -419,7 +420,7 @@ def _search(config, workdir, *, overwrite=False, log=print, stack):
                 record = {"kind": "step", "step": global_step,
                           "epoch": epoch + 1, **metrics}
                 metrics_file.write(json.dumps(record) + "\n")
-                arch = _architecture_scalars(net, config, params_table)
+                arch = _architecture_scalars(net, config)
                 with writer.as_default(step=global_step):
                     for key, value in {**metrics, **arch}.items():
                         tf.summary.scalar(key, value)
@@ -526,7 +527,7 @@ def _truncate_metrics(path, last_step, last_epoch):
     os.replace(tmp, path)
 
 
-def _architecture_scalars(net, config, params_table):
+def _architecture_scalars(net, config):
     """Per-step TensorBoard scalars of the current architecture."""
     w_normal, w_reduce = net.op_weights()
     genotype = derive_genotype(net, config)
@@ -537,8 +538,6 @@ def _architecture_scalars(net, config, params_table):
             tb_lib.num_skip_connections(genotype, "normal")),
         "arch/skip_connections_reduce": float(
             tb_lib.num_skip_connections(genotype, "reduce")),
-        "arch/genotype_params": genotype_params(
-            genotype, params_table, config.model.primitives),
     }
 
 

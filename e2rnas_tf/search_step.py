@@ -430,8 +430,8 @@ class SearchStep(tf.Module):
     def ood_lower_weight_at(self, step):
         """The lower level's OOD weight at ``step`` (a tensor):
         ``config.ood.lower_weight``, times ``epoch / epochs`` with
-        ``config.ood.lower_ramp`` (the authors' code when the published
-        genotype was searched, docs/fidelity.md)."""
+        ``config.ood.lower_ramp`` (the authors' "oodS" runs,
+        docs/fidelity.md)."""
         weight = tf.constant(self.ood_lower_weight)
         if not self.config.ood.lower_ramp:
             return weight
@@ -450,7 +450,8 @@ class SearchStep(tf.Module):
                     normalization=(c.normalization if len(active) > 1
                                    else "none"),
                     apply_to=c.apply_to, fixed_weights=fixed,
-                    solver=c.get("solver", "exact"))
+                    solver=c.get("solver", "exact"),
+                    accumulate=bool(c.get("accumulate", False)))
 
     # -- schedules ---------------------------------------------------------
 

@@ -533,3 +533,36 @@ def test_combine_with_authors_solver_and_ones():
     np.testing.assert_allclose(flat, rows.sum(axis=0), atol=1e-5)
     with pytest.raises(ValueError, match="solver"):
         mgda.combine(grads, None, solver="frank-wolfe")
+
+
+def test_accumulated_gradients_of_the_first_version():
+    """v1 took each gradient into an uncleared .grad: MGDA saw prefix sums
+    and the final backward added (1 + c_k) g_k."""
+    g_acc = np.array([0.3, -0.4, 0.1], np.float32)
+    g_nop = np.array([0.0, 0.0, 0.0], np.float32)  # an inactive bound
+    grads = [[tf.constant(g_acc)], [tf.constant(g_nop)]]
+    direction, weights, ok = _combine_np(
+        grads, losses=None, normalization="none", apply_to="raw",
+        solver="authors", accumulate=True)
+    assert ok
+    # [g, g + 0] are identical: their two-point rule gives (0.999, 0.001).
+    np.testing.assert_allclose(weights, [1.999 + 1e-7, 1.001 + 1e-7],
+                               rtol=1e-6)
+    np.testing.assert_allclose(direction[0], (1.999 + 1e-7) * g_acc,
+                               rtol=1e-5)
+    # Active: MGDA on [g1, g1 + g2], direction (1 + c1) g1 + (1 + c2) g2.
+    rows = _instance("random", 2, seed=9)
+    grads = _grads_from_rows(rows)
+    prefix = np.stack([rows[0], rows[0] + rows[1]]).astype(np.float64)
+    c = _authors_reference(prefix @ prefix.T)
+    direction, weights, ok = _combine_np(
+        grads, losses=None, normalization="none", apply_to="raw",
+        solver="authors", accumulate=True)
+    np.testing.assert_allclose(weights, 1.0 + c, atol=1e-6)
+    flat = np.concatenate([d.ravel() for d in direction])
+    np.testing.assert_allclose(flat, (1 + c) @ rows, atol=1e-5)
+    # Their noMGDA under the same accumulation: 2 g1 + 2 g2.
+    _, weights, _ = _combine_np(grads, losses=None, method="ones",
+                                normalization="none", apply_to="raw",
+                                accumulate=True)
+    np.testing.assert_array_equal(weights, [2.0, 2.0])

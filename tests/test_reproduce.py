@@ -290,6 +290,20 @@ def test_paper_variant_has_the_papers_settings():
         assert (t.data.cutout, t.model.drop_path,
                 t.model.auxiliary_weight) == (16, 0.2, 0.4)
         assert t.optim.to_dict() == default_train.optim.to_dict()
+        # The authors' evaluation (configs/evaluate_authors.py).
         assert t.evaluate.num_examples == 0
-        assert tuple(t.evaluate.epsilons) == (2.0, 8.0)
+        assert tuple(t.evaluate.epsilons) == (1.0, 2.0)
+        assert tuple(t.evaluate.attacks) == ("fgsm", "pgd")
+        assert not t.evaluate.random_start and t.evaluate.pgd_steps == 10
     assert tuple(reproduce_config.get_config("paper").seeds) == (0, 1, 2)
+    # The authors' run is a method of reproduce and the search of sweep.
+    paper = reproduce_config.get_config("paper")
+    assert "published" in paper.methods and "nomgda" in paper.methods
+    published = reproduce.method_configs(paper, "published", 0)[0]
+    swept = sweep_config.get_config("paper").search
+    for search in (published, swept):
+        assert search.resource.cost_model == "authors"
+        assert search.arch.order == "second"
+        assert search.ood.name == "svhn_cropped"
+    assert tuple(sweep_config.get_config("paper").targets) == (
+        2.0, 3.0, 4.0, 5.0, 6.0)

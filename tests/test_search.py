@@ -18,6 +18,7 @@ import tensorflow as tf
 from e2rnas_tf import config_lib
 from e2rnas_tf import genotypes
 from e2rnas_tf import objectives as obj_lib
+from e2rnas_tf import resources
 from e2rnas_tf import search
 from e2rnas_tf import search_step as step_lib
 from e2rnas_tf.search_space import SearchNetwork
@@ -317,8 +318,8 @@ def test_ood_objective_and_lower_level_term(eager):
 
 
 def test_ood_lower_ramp_is_epoch_over_epochs(eager):
-    """The authors' code of the published run: lower weight * epoch/epochs,
-    so the first epoch trains the weights without the KL term."""
+    """The authors' "oodS" runs: lower weight * epoch/epochs, so the first
+    epoch trains the weights without the KL term."""
     train, valid, ood_images = batch(19), batch(20), batch(21)[0]
     ramp = tiny_config(**{"objectives": ["acc"], "ood.lower_weight": 1.0,
                           "ood.lower_ramp": True, "epochs": 4})
@@ -425,12 +426,50 @@ def test_short_search_params_objective_shrinks_the_network(tmp_path):
     assert np.mean(val[-6:]) < np.mean(val[:6])
 
 
-def run_cli(*flags):
+def run_cli(*flags, config="configs/search_demo.py"):
     env = dict(os.environ, PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="2")
     return subprocess.run(
-        [sys.executable, "-m", "e2rnas_tf", "search",
-         "--config=configs/search_demo.py", *flags],
+        [sys.executable, "-m", "e2rnas_tf", "search", f"--config={config}",
+         *flags],
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_published_preset_runs_end_to_end(tmp_path):
+    """The authors' run at a tiny scale: five objectives (OOD from noise),
+    second order, their solver and cost models, the OOD ramp."""
+    workdir = str(tmp_path / "published")
+    result = run_cli(
+        f"--workdir={workdir}", "--config.epochs=1",
+        "--config.steps_per_epoch=3", "--config.model.layers=3",
+        "--config.model.channels=4", "--config.data.image_size=8",
+        "--config.batch_size=8", "--config.data.num_train=64",
+        "--config.data.num_test=16", "--config.eval_batch_size=16",
+        "--config.ood.num_images=24", "--config.log_every=1",
+        config="configs/search_e2rnas_published.py:cpu")
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = [json.loads(line) for line in
+             open(os.path.join(workdir, "metrics.jsonl"))]
+    steps = [r for r in lines if r["kind"] == "step"]
+    assert len(steps) == 3 and not any(r["skipped"] for r in steps)
+    names = ("acc", "adv", "params", "ood", "flops")
+    for r in steps:
+        weights = [r[f"weight/{n}"] for n in names]
+        # The authors' solver: +1e-7 on each weight, none exactly 0.
+        assert min(weights) >= 1e-7
+        assert sum(weights) == pytest.approx(1.0 + 5e-7, abs=1e-6)
+        assert all(np.isfinite(r[f"objective/{n}"]) for n in names)
+        # Their units: near 2.358 (x1e5) and 2.843 (x1e8) at the start.
+        assert 2.0 < r["cost/params"] < 2.8 and 2.4 < r["cost/flops"] < 3.3
+        assert r["objective/params"] == pytest.approx(
+            abs(4.0 - r["cost/params"]), rel=1e-5)
+        assert r["derived/params"] > 0
+    assert "derived" in result.stdout and "M |" in result.stdout
+    with open(os.path.join(workdir, "config.json")) as f:
+        saved = json.load(f)
+    assert saved["arch"]["order"] == "second"
+    assert saved["ood"]["name"] == "noise"
+    assert saved["ood"]["lower_weight"] == 1.0
+    assert not saved["ood"]["lower_ramp"]
 
 
 def test_cli_end_to_end(tmp_path):
@@ -441,6 +480,9 @@ def test_cli_end_to_end(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "compiled in" in result.stdout
     assert "expected parameters:" in result.stdout
+    # The derived genotype's size on every progress line.
+    progress = [l for l in result.stdout.splitlines() if " step " in l]
+    assert len(progress) == 2 and all(" | derived " in l for l in progress)
 
     genotype = genotypes.Genotype.load(os.path.join(workdir, "genotype.json"))
     assert genotype.steps == 2
@@ -455,6 +497,8 @@ def test_cli_end_to_end(tmp_path):
     assert [r["step"] for r in steps] == [1, 2] and len(epochs) == 1
     for name in ("acc", "adv", "params"):
         assert np.isfinite(steps[-1][f"objective/{name}"])
+    assert all(r["derived/params"] > 0 for r in steps)
+    assert f"{steps[-1]['derived/params']:.2f}M" in progress[-1]
     weights = [steps[-1][f"weight/{n}"] for n in ("acc", "adv", "params")]
     assert abs(sum(weights) - 1.0) < 1e-5 and min(weights) >= 0.0
     assert 0.0 <= epochs[0]["eval_acc"] <= 1.0
@@ -497,14 +541,14 @@ def _check_search_tensorboard(tb_dir, steps):
             scalars[tag] = [(step, float(v)) for step, v in values]
     for tag in ("objective/acc", "weight/adv", "lr", "arch/entropy_normal",
                 "arch/entropy_reduce", "arch/skip_connections_normal",
-                "arch/genotype_params"):
+                "derived/params"):
         # (The epoch summaries repeat the entropy at the epoch's last step.)
         assert sorted({step for step, _ in scalars[tag]}) == list(
             range(1, steps + 1)), tag
         assert all(np.isfinite(v) for _, v in scalars[tag]), tag
     # Near-uniform alpha after 2 steps: entropy close to log(4 ops).
     assert abs(scalars["arch/entropy_normal"][-1][1] - np.log(4)) < 0.05
-    assert scalars["arch/genotype_params"][-1][1] > 0
+    assert scalars["derived/params"][-1][1] > 0
     images = [t for t in tags["tensors"] if "alpha" in t or "cell" in t]
     assert images, tags["tensors"]
 
