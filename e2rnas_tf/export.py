@@ -400,14 +400,8 @@ def load_checkpoint(path):
     """
     import keras
 
-    # Importing the modules registers the e2rnas layers with Keras'
-    # serialisation, so load_model can rebuild them.
-    import importlib
-    import importlib.util
-    for module in ("e2rnas_tf.search_space", "e2rnas_tf.model"):
-        if importlib.util.find_spec(module) is not None:
-            importlib.import_module(module)
-
+    # The e2rnas layers are registered with Keras' serialisation by the
+    # package import (e2rnas_tf/__init__.py), which ran before this module.
     problem = _archive_problem(path)
     if problem is None:
         try:
