@@ -314,6 +314,10 @@ def _cases(tmp):
          ["export", f"--checkpoint={tmp / 'good'}",
           f"--export_base={tmp / 'afile' / 'sub'}"],
          "Cannot write to export base"),
+        ("export: empty --serving_base_path",
+         ["export", f"--checkpoint={tmp / 'good'}",
+          f"--export_base={tmp / 'serving'}", "--serving_base_path="],
+         "Expected the serving base path"),
     ]
 
 
@@ -501,8 +505,11 @@ import tensorflow as tf
 
 fn = tf.saved_model.load(sys.argv[1]).signatures["serving_bytes"]
 files = [base64.b64decode(b) for b in json.loads(sys.argv[2])]
-value = tf.constant(files[0] if sys.argv[3] == "scalar" else files,
-                    tf.string)
+if sys.argv[3] == "uint8":
+    value = tf.zeros([1, 8, 8, 3], tf.uint8)
+else:
+    value = tf.constant(files[0] if sys.argv[3] == "scalar" else files,
+                        tf.string)
 try:
     out = fn(image_bytes=value)
     print(json.dumps({k: list(v.shape) for k, v in out.items()}))
@@ -560,15 +567,19 @@ def _serve_bytes(version_dir, files, form="batch"):
      "Expected JPEG or PNG files in image_bytes. Received: image_bytes[1] "
      "is neither"),
     ("truncated_jpeg", "batch", "Invalid JPEG data"),
+    ("truncated_png", "batch", "Invalid PNG"),
     ([], "batch", "Expected at least one image. Received: an empty batch"),
     ("one_png", "scalar",
      "Shape of tensor image_bytes [] is not compatible with expected shape "
      "[?]"),
-], ids=["not_an_image", "gif", "truncated_jpeg", "empty_batch",
-        "scalar"])
+    ([], "uint8", "was expected to be a string tensor but is a uint8 tensor"),
+], ids=["not_an_image", "gif", "truncated_jpeg", "truncated_png",
+        "empty_batch", "scalar", "pixels"])
 def test_serving_bytes_bad_inputs_raise(exported, files, form, message):
     if files == "truncated_jpeg":
         files = [_image_file(8, 8, "PNG"), _image_file(8, 8, "JPEG")[:40]]
+    elif files == "truncated_png":
+        files = [_image_file(8, 8, "PNG")[:30]]
     elif files == "png_then_gif":
         files = [_image_file(8, 8, "PNG"), _image_file(8, 8, "GIF")]
     elif files == "one_png":
