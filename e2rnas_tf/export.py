@@ -119,7 +119,7 @@ def check_class_names(class_names):
     """``class_names`` as a tuple of non-empty strings (None stays None)."""
     if class_names is None:
         return None
-    if isinstance(class_names, str) or not all(
+    if isinstance(class_names, str) or not class_names or not all(
             isinstance(n, str) and n for n in class_names):
         raise ExportError(
             "Expected class names to be a list of non-empty strings. "

@@ -408,8 +408,10 @@ def test_class_names(tmp_path, tiny):
     with pytest.raises(export_lib.ExportError,
                        match="Expected 3 class names"):
         export_lib.export(tiny, str(tmp_path), "m", class_names=["a", "b"])
-    with pytest.raises(export_lib.ExportError, match="non-empty strings"):
-        export_lib.export(tiny, str(tmp_path), "m", class_names="abc")
+    for bad in ("abc", [], ["a", "", "c"], ["a", 2, "c"]):
+        with pytest.raises(export_lib.ExportError,
+                           match="non-empty strings"):
+            export_lib.export(tiny, str(tmp_path), "m", class_names=bad)
     assert sorted(os.listdir(tmp_path / "m")) == ["1"]
     assert (tmp_path / "models.config").read_text() == config_before
 

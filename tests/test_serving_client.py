@@ -173,7 +173,7 @@ def test_rest_bytes_request_runs_on_the_export(exported):
     assert row["signature_name"] == "serving_bytes"
     assert [list(r) for r in row["instances"]] == [["image_bytes"]] * 3
     assert [_b64_decode_like_tf_serving(r["image_bytes"])
-             for r in row["instances"]] == files
+            for r in row["instances"]] == files
     col = json.loads(json.dumps(sc.build_rest_request(
         files, "serving_bytes", layout="columnar")))
     assert [_b64_decode_like_tf_serving(v)
