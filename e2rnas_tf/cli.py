@@ -32,6 +32,10 @@ _CHECKPOINT = flags.DEFINE_string(
 _EXPORT_BASE = flags.DEFINE_string(
     "export_base", None, "TF Serving model base directory.")
 _MODEL_NAME = flags.DEFINE_string("model_name", "e2rnas", "Served model name.")
+_SERVING_BASE_PATH = flags.DEFINE_string(
+    "serving_base_path", "/models", "The --export_base directory as the "
+    "model server sees it, for base paths in models.config (e2rnas export; "
+    "/models: the docker image's mount).")
 _OUTPUT = flags.DEFINE_string("output", None, "Output file or directory.")
 
 
@@ -48,6 +52,7 @@ class Args:
     model_name: str
     output: str | None
     extra: tuple[str, ...]
+    serving_base_path: str = "/models"
 
 
 # name -> ("module:function", default config factory in config_lib, help).
@@ -165,7 +170,8 @@ def _main(argv):
                 overwrite=_OVERWRITE.value, genotype=_GENOTYPE.value,
                 checkpoint=_CHECKPOINT.value, export_base=_EXPORT_BASE.value,
                 model_name=_MODEL_NAME.value, output=_OUTPUT.value,
-                extra=tuple(argv[2:]))
+                extra=tuple(argv[2:]),
+                serving_base_path=_SERVING_BASE_PATH.value)
     return function(config, args) or 0
 
 

@@ -172,12 +172,21 @@ def format_sweep(points, meta):
     return "\n".join(lines)
 
 
+# TF Serving version labels of the front: label -> (figure, best is max).
+FRONT_LABELS = {"smallest": ("params_m", False),
+                "most_accurate": ("clean", True),
+                "most_robust": ("robust", True)}
+
+
 def export_front(points, export_base, model_name, exports_path, *,
                  log=print):
     """Exports every Pareto-optimal point not exported before.
 
-    Versions are assigned in order of increasing parameters. Returns
-    ``{setting: version directory}`` (also written to ``exports_path``).
+    Versions are assigned in order of increasing parameters; the served
+    outputs carry the class names the training run recorded. models.config
+    serves every version and labels the front's extremes (`FRONT_LABELS`;
+    ties: the smaller model). Returns ``{setting: version directory}``
+    (also written to ``exports_path``).
     """
     import keras
 
@@ -197,14 +206,24 @@ def export_front(points, export_base, model_name, exports_path, *,
                                      "params_m", "macs_m", "clean",
                                      "robust", "robust_accuracy",
                                      "search_params_m")}
+        run_files = export_lib.checkpoint_metadata(p["model_path"], model)
         version_dir = export_lib.export(
             model, export_base, model_name,
             metadata={"sweep": figures, "genotype": p["genotype"],
-                      "pareto_optimal": True})
+                      "pareto_optimal": True},
+            class_names=run_files.get("class_names"))
         exports[p["name"]] = version_dir
         pipeline.write_json(exports_path, exports)
         log(f"sweep: exported {p['name']} as {version_dir}")
         keras.backend.clear_session()
+    if front:
+        labels = {}
+        for label, (key, larger) in FRONT_LABELS.items():
+            best = (max if larger else min)(front, key=lambda p: p[key])
+            labels[label] = int(os.path.basename(exports[best["name"]]))
+        export_lib.update_model_config(export_base, model_name,
+                                       labels=labels)
+        log(f"sweep: version labels {labels}")
     return exports
 
 

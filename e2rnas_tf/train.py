@@ -22,7 +22,8 @@ Work directory layout::
     tb/                 TensorBoard scalars
     model_last.keras    the model after the last epoch
     model_best.keras    the model with the best test accuracy so far
-    summary.json        final figures (parameters, multiply-adds, accuracy)
+    summary.json        final figures (parameters, multiply-adds, accuracy,
+                        class names: `e2rnas export` serves them)
 
 Reference:
     Liu, Simonyan, Yang. DARTS. https://arxiv.org/abs/1806.09055
@@ -665,7 +666,7 @@ def _train(config, workdir, *, overwrite=False, stack):
                "last_accuracy": float(last["test_accuracy"]),
                "epochs": int(config.epochs), "steps": step,
                "image_size": size, "num_classes": info.num_classes,
-               "workdir": workdir}
+               "class_names": list(info.class_names), "workdir": workdir}
     _write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
 

@@ -30,7 +30,7 @@ from absl import flags
 from e2rnas_tf import cli
 
 OWN = ("config", "workdir", "overwrite", "debug", "genotype", "checkpoint",
-       "export_base", "model_name", "output")
+       "export_base", "model_name", "output", "serving_base_path")
 
 cases = json.load(open(sys.argv[1]))
 watch = sys.argv[2:]
@@ -365,6 +365,10 @@ def _cases(tmp):
          ["export", f"--checkpoint={tmp / 'good'}",
           f"--export_base={tmp / 'afile' / 'sub'}"],
          "Cannot write to export base"),
+        ("export: empty --serving_base_path",
+         ["export", f"--checkpoint={tmp / 'good'}",
+          f"--export_base={tmp / 'serving'}", "--serving_base_path="],
+         "Expected the serving base path"),
     ]
 
 
@@ -551,4 +555,111 @@ def test_serving_signature_bad_inputs_raise(exported, signature, shape,
 def test_serving_signature_good_input_still_serves(exported):
     result = _serve(exported[2], "serving_default", [3, 8, 8, 3], "uint8")
     assert result == {"logits": [3, 10], "probabilities": [3, 10],
-                      "classes": [3]}, result
+                      "classes": [3], "class_names": [3]}, result
+
+
+# The encoded-image signature (serving_bytes): JPEG / PNG files.
+SERVE_BYTES = r"""
+import base64, json, sys
+import tensorflow as tf
+
+fn = tf.saved_model.load(sys.argv[1]).signatures["serving_bytes"]
+files = [base64.b64decode(b) for b in json.loads(sys.argv[2])]
+if sys.argv[3] == "uint8":
+    value = tf.zeros([1, 8, 8, 3], tf.uint8)
+else:
+    value = tf.constant(files[0] if sys.argv[3] == "scalar" else files,
+                        tf.string)
+try:
+    out = fn(image_bytes=value)
+    print(json.dumps({k: list(v.shape) for k, v in out.items()}))
+except Exception as e:  # noqa: BLE001 - the error is what we record
+    print(json.dumps({"error": type(e).__name__,
+                      "message": " ".join(str(e).split())[:600]}))
+"""
+
+
+def _image_file(height, width, fmt):
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((height, width, 3), np.uint8)).save(buffer, fmt)
+    return buffer.getvalue()
+
+
+@pytest.fixture(scope="module")
+def exported_any_size(tmp_path_factory):
+    """A model that takes any image size: its serving_bytes cannot resize."""
+    import keras
+
+    from e2rnas_tf import export as export_lib
+
+    net = keras.Sequential([keras.Input((None, None, 3)),
+                            keras.layers.Conv2D(2, 3),
+                            keras.layers.GlobalAveragePooling2D(),
+                            keras.layers.Dense(4)])
+    return export_lib.export(net, str(tmp_path_factory.mktemp("any")), "any")
+
+
+def _serve_bytes(version_dir, files, form="batch"):
+    import base64
+
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3",
+               TF_NUM_INTEROP_THREADS="1", TF_NUM_INTRAOP_THREADS="2")
+    result = subprocess.run(
+        [sys.executable, "-c", SERVE_BYTES, version_dir,
+         json.dumps([base64.b64encode(f).decode() for f in files]), form],
+        capture_output=True, text=True, env=env, timeout=300)
+    lines = result.stdout.strip().splitlines()
+    if result.returncode != 0 or not lines:
+        return {"crash": result.returncode,
+                "stderr": result.stderr[-1500:]}
+    return json.loads(lines[-1])
+
+
+@pytest.mark.parametrize("files,form,message", [
+    ([b"hello"], "batch",
+     "Expected JPEG or PNG files in image_bytes. Received: image_bytes[0] "
+     "is neither"),
+    ("png_then_gif", "batch",
+     "Expected JPEG or PNG files in image_bytes. Received: image_bytes[1] "
+     "is neither"),
+    ("truncated_jpeg", "batch", "Invalid JPEG data"),
+    ("truncated_png", "batch", "Invalid PNG"),
+    ([], "batch", "Expected at least one image. Received: an empty batch"),
+    ("one_png", "scalar",
+     "Shape of tensor image_bytes [] is not compatible with expected shape "
+     "[?]"),
+    ([], "uint8", "was expected to be a string tensor but is a uint8 tensor"),
+], ids=["not_an_image", "gif", "truncated_jpeg", "truncated_png",
+        "empty_batch", "scalar", "pixels"])
+def test_serving_bytes_bad_inputs_raise(exported, files, form, message):
+    if files == "truncated_jpeg":
+        files = [_image_file(8, 8, "PNG"), _image_file(8, 8, "JPEG")[:40]]
+    elif files == "truncated_png":
+        files = [_image_file(8, 8, "PNG")[:30]]
+    elif files == "png_then_gif":
+        files = [_image_file(8, 8, "PNG"), _image_file(8, 8, "GIF")]
+    elif files == "one_png":
+        files = [_image_file(8, 8, "PNG")]
+    result = _serve_bytes(exported[2], files, form)
+    assert result.get("error") == "InvalidArgumentError", result
+    assert message in result["message"], result
+
+
+def test_serving_bytes_sizes(exported, exported_any_size):
+    # A fixed-size model resizes other sizes.
+    files = [_image_file(8, 8, "PNG"), _image_file(9, 8, "JPEG"),
+             _image_file(3, 20, "PNG")]
+    assert _serve_bytes(exported[2], files) == {
+        "logits": [3, 10], "probabilities": [3, 10], "classes": [3],
+        "class_names": [3]}
+    # A model of any size cannot resize: one size per request.
+    assert _serve_bytes(exported_any_size, files[:1] * 2)["logits"] == [2, 4]
+    result = _serve_bytes(exported_any_size, files)
+    assert result.get("error") == "InvalidArgumentError", result
+    assert ("Expected images of one size (the model takes any size, so they "
+            "are not resized). Received: image_bytes[1] is 9x8, "
+            "image_bytes[0] is 8x8") in result["message"], result

@@ -6,7 +6,9 @@ documented REST JSON and against the real gRPC protos, with tensors taken
 from a real exported SavedModel.
 """
 
+import base64
 import importlib.util
+import io
 import json
 import os
 import socket
@@ -32,6 +34,7 @@ get_model_metadata_pb2 = pytest.importorskip(
 predict_pb2 = pytest.importorskip("tensorflow_serving.apis.predict_pb2")
 
 SIZE = 8
+NAMES = ["airplane", "bird", "cat", "deer", "ship"]
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +47,21 @@ def exported(tmp_path_factory):
     ])
     model.build((None, SIZE, SIZE, 3))
     base = tmp_path_factory.mktemp("serving")
-    version_dir = export_lib.export(model, str(base), "m")
+    version_dir = export_lib.export(model, str(base), "m",
+                                    class_names=NAMES)
     return model, version_dir
+
+
+def _png(image):
+    buffer = io.BytesIO()
+    Image.fromarray(image).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _b64_decode_like_tf_serving(value):
+    """What TF Serving's REST layer does with a DT_STRING input value."""
+    assert set(value) == {"b64"}, value
+    return base64.b64decode(value["b64"], validate=True)
 
 
 def _signature_defs(version_dir):
@@ -91,11 +107,36 @@ def test_load_images(tmp_path):
         sc.load_images([tmp_path / "bad.png"], SIZE)
 
 
+def test_read_image_files(tmp_path):
+    rng = np.random.RandomState(0)
+    image = rng.randint(0, 256, (SIZE, SIZE, 3)).astype(np.uint8)
+    Image.fromarray(image).save(tmp_path / "a.png")
+    Image.fromarray(image).save(tmp_path / "b.jpg", quality=90)
+    Image.fromarray(image).save(tmp_path / "c.bmp")
+    files = sc.read_image_files(
+        [tmp_path / "a.png", tmp_path / "b.jpg", tmp_path / "c.bmp"])
+    # JPEG and PNG go as they are; a BMP becomes a lossless PNG.
+    assert files[0] == (tmp_path / "a.png").read_bytes()
+    assert files[1] == (tmp_path / "b.jpg").read_bytes()
+    assert files[2].startswith(b"\x89PNG\r\n\x1a\n")
+    np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(
+        files[2]))), image)
+    (tmp_path / "bad.png").write_text("no image")
+    with pytest.raises(ValueError, match="Cannot read image"):
+        sc.read_image_files([tmp_path / "bad.png"])
+
+
 def test_rest_urls():
     assert (sc.rest_url("localhost", 8501, "e2rnas")
             == "http://localhost:8501/v1/models/e2rnas:predict")
     assert (sc.rest_url("h", 1, "m", version=3)
             == "http://h:1/v1/models/m/versions/3:predict")
+    assert (sc.rest_url("h", 1, "m", label="stable")
+            == "http://h:1/v1/models/m/labels/stable:predict")
+    assert (sc.rest_url("h", 1, "m", verb="metadata", label="stable")
+            == "http://h:1/v1/models/m/labels/stable/metadata")
+    with pytest.raises(ValueError, match="not both"):
+        sc.rest_url("h", 1, "m", version=1, label="stable")
     assert (sc.rest_url("h", 1, "m", verb="metadata")
             == "http://h:1/v1/models/m/metadata")
     assert sc.rest_url("h", 1, "m", verb=None) == "http://h:1/v1/models/m"
@@ -118,6 +159,47 @@ def test_build_rest_request_row_and_columnar():
         sc.build_rest_request(images, layout="csv")
     with pytest.raises(ValueError, match="N, H, W, C"):
         sc.build_rest_request(images[0])
+
+
+def test_rest_bytes_request_runs_on_the_export(exported):
+    """The b64 body, decoded as TF Serving decodes it, is what
+    serving_bytes takes, and gives what the pixels give."""
+    model, version_dir = exported
+    rng = np.random.RandomState(3)
+    images = rng.randint(0, 256, (3, SIZE, SIZE, 3)).astype(np.uint8)
+    files = [_png(image) for image in images]
+    row = json.loads(json.dumps(sc.build_rest_request(files,
+                                                      "serving_bytes")))
+    assert row["signature_name"] == "serving_bytes"
+    assert [list(r) for r in row["instances"]] == [["image_bytes"]] * 3
+    assert [_b64_decode_like_tf_serving(r["image_bytes"])
+            for r in row["instances"]] == files
+    col = json.loads(json.dumps(sc.build_rest_request(
+        files, "serving_bytes", layout="columnar")))
+    assert [_b64_decode_like_tf_serving(v)
+            for v in col["inputs"]["image_bytes"]] == files
+
+    signature = tf.saved_model.load(version_dir).signatures["serving_bytes"]
+    out = signature(image_bytes=tf.constant(
+        [_b64_decode_like_tf_serving(r["image_bytes"])
+         for r in row["instances"]]))
+    # The server answers in the row format: one object per instance, the
+    # string output as a plain JSON string.
+    body = {"predictions": [
+        {k: (v.numpy()[i].decode() if v.dtype == tf.string
+             else v.numpy()[i].tolist()) for k, v in out.items()}
+        for i in range(3)]}
+    parsed = sc.parse_rest_response(json.loads(json.dumps(body)))
+    logits = model(images.astype(np.float32) / 255).numpy()
+    np.testing.assert_allclose(parsed["logits"], logits, atol=1e-5)
+    assert list(parsed["class_names"]) == [NAMES[c] for c in
+                                           logits.argmax(-1)]
+    # No names at hand: the top class is named from the response.
+    best = [r[0] for r in sc.top_k(parsed, 2)]
+    assert best == [(int(c), NAMES[c], pytest.approx(float(p[c]), abs=1e-5))
+                    for c, p in zip(logits.argmax(-1),
+                                    parsed["probabilities"])]
+    assert all(r[1][1] is None for r in sc.top_k(parsed, 2))
 
 
 def test_parse_rest_response_documented_formats():
@@ -194,6 +276,30 @@ def test_grpc_request_runs_on_the_export(exported):
     np.testing.assert_array_equal(parsed["classes"], logits.argmax(-1))
     best = [r[0][0] for r in sc.top_k(parsed, 1)]
     assert best == list(logits.argmax(-1))
+    # String tensors arrive as bytes over gRPC; the client gives str.
+    assert list(parsed["class_names"]) == [NAMES[c] for c in best]
+
+
+def test_grpc_bytes_request_runs_on_the_export(exported):
+    model, version_dir = exported
+    images = np.random.RandomState(4).randint(
+        0, 256, (2, SIZE, SIZE, 3)).astype(np.uint8)
+    files = [_png(image) for image in images]
+    request = sc.build_grpc_request(files, "m", "serving_bytes",
+                                    label="stable")
+    assert request.model_spec.version_label == "stable"
+    assert not request.model_spec.HasField("version")
+    wire = predict_pb2.PredictRequest.FromString(request.SerializeToString())
+    tensor = wire.inputs["image_bytes"]
+    assert tensor.dtype == tf.string.as_datatype_enum
+    assert list(tensor.string_val) == files
+    signature = tf.saved_model.load(version_dir).signatures["serving_bytes"]
+    out = signature(image_bytes=tf.constant(tf.make_ndarray(tensor)))
+    logits = model(images.astype(np.float32) / 255).numpy()
+    np.testing.assert_allclose(out["logits"].numpy(), logits, atol=1e-5)
+    with pytest.raises(ValueError, match="not both"):
+        sc.build_grpc_request(files, "m", "serving_bytes", version=1,
+                              label="stable")
 
 
 def test_grpc_metadata(exported):
@@ -220,6 +326,10 @@ def test_top_k_and_format():
                                                            [2, 0, 1]]
     np.testing.assert_allclose([p for _, _, p in from_logits[0]],
                                [0.6, 0.3, 0.1])
+    served = {"probabilities": probs, "classes": np.array([1, 2]),
+              "class_names": np.array(["dog", "ship"])}
+    assert sc.top_k(served, 2) == [[(1, "dog", 0.6), (2, None, 0.3)],
+                                   [(2, "ship", 0.5), (0, None, 0.25)]]
     text = sc.format_results(["a.png", "b.png"], result)
     assert text.splitlines()[0] == "a.png"
     assert "1. dog (1)" in text and "0.6000" in text
@@ -248,3 +358,56 @@ def test_cli_reports_an_unreachable_server(tmp_path, capsys):
                     "--image_size=4", "--timeout=2"])
     assert code == 2
     assert "Cannot reach http://127.0.0.1" in capsys.readouterr().err
+
+
+def test_cli_sends_files_with_b64_and_prints_served_names(tmp_path, capsys):
+    """`--signature=serving_bytes`: the files go as they are, base64, to
+    the label's URL, and the answer's class names are printed. The server
+    is a local stand-in that records the request."""
+    import http.server
+    import threading
+
+    image = tmp_path / "x.jpg"
+    Image.fromarray(np.full((20, 30, 3), 90, np.uint8)).save(image)
+    seen = {}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):  # noqa: N802 - the http.server API
+            seen["path"] = self.path
+            seen["body"] = json.loads(self.rfile.read(
+                int(self.headers["Content-Length"])))
+            answer = json.dumps({"predictions": [{
+                "logits": [0.0, 1.0, 3.0], "classes": 2,
+                "probabilities": [0.04, 0.11, 0.85],
+                "class_names": "cat"}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(answer)))
+            self.end_headers()
+            self.wfile.write(answer)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        code = sc.main([str(image), "--host=127.0.0.1",
+                        f"--rest_port={server.server_address[1]}",
+                        "--model_name=m", "--version_label=stable",
+                        "--signature=serving_bytes", "--top_k=2",
+                        "--timeout=10"])
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert code == 0, capsys.readouterr().err
+    assert seen["path"] == "/v1/models/m/labels/stable:predict"
+    assert seen["body"]["signature_name"] == "serving_bytes"
+    (instance,) = seen["body"]["instances"]
+    assert _b64_decode_like_tf_serving(instance["image_bytes"]) == \
+        image.read_bytes()
+    out = capsys.readouterr().out.splitlines()
+    assert out[0] == str(image)
+    assert out[1].split() == ["1.", "cat", "(2)", "0.8500"]
+    assert out[2].split() == ["2.", "1", "0.1100"]

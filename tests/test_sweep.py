@@ -93,6 +93,76 @@ def test_settings_cover_targets_times_objective_sets():
     assert search.seed == train.seed == c.seed
 
 
+def _front_point(tmp_path, name, params_m, clean, robust, pareto=True,
+                 class_names=None):
+    """A sweep point whose model is a tiny saved DerivedNetwork."""
+    import keras
+
+    from e2rnas_tf import model as model_lib
+
+    run = tmp_path / "runs" / name / "train"
+    run.mkdir(parents=True)
+    net = model_lib.DerivedNetwork("DARTS_V2", channels=2, layers=3,
+                                   num_classes=3)
+    net.build((None, 8, 8, 3))
+    net.save(str(run / "model_last.keras"))
+    keras.backend.clear_session()
+    if class_names:
+        (run / "summary.json").write_text(json.dumps(
+            {"class_names": class_names}))
+    return {"name": name, "objectives": ["acc"], "target": 1.0,
+            "params_m": params_m, "macs_m": 1.0, "clean": clean,
+            "robust": robust, "robust_accuracy": {}, "search_params_m": 1.0,
+            "genotype": net.genotype.to_dict(), "pareto": pareto,
+            "model_path": str(run / "model_last.keras")}
+
+
+def test_export_front_serves_every_version_with_labels(tmp_path):
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+
+    names = ["cat", "dog", "ship"]
+    points = [
+        _front_point(tmp_path, "big", 3.0, 0.7, 0.2, class_names=names),
+        _front_point(tmp_path, "small", 1.0, 0.5, 0.3, class_names=names),
+        _front_point(tmp_path, "mid", 2.0, 0.6, 0.1, pareto=False),
+    ]
+    serving = tmp_path / "serving"
+    exports_path = str(tmp_path / "exports.json")
+
+    def config():
+        parsed = text_format.Parse(
+            (serving / "models.config").read_text(),
+            model_server_config_pb2.ModelServerConfig())
+        (entry,) = parsed.model_config_list.config
+        return entry
+
+    exports = sweep.export_front(points, str(serving), "front", exports_path,
+                                 log=lambda *a: None)
+    assert {k: os.path.basename(v) for k, v in exports.items()} == {
+        "small": "1", "big": "2"}
+    entry = config()
+    assert entry.name == "front" and entry.base_path == "/models/front"
+    assert list(entry.model_version_policy.specific.versions) == [1, 2]
+    assert dict(entry.version_labels) == {
+        "smallest": 1, "most_robust": 1, "most_accurate": 2}
+    meta = json.loads((serving / "front" / "1" / "assets.extra" /
+                       "e2rnas_metadata.json").read_text())
+    assert meta["class_names"] == names
+
+    # Again, with a new point that is more robust: only it is exported,
+    # and the label moves to it.
+    points.append(_front_point(tmp_path, "robust", 4.0, 0.4, 0.9))
+    exports = sweep.export_front(points, str(serving), "front", exports_path,
+                                 log=lambda *a: None)
+    assert os.path.basename(exports["robust"]) == "3"
+    assert sorted(os.listdir(serving / "front")) == ["1", "2", "3"]
+    entry = config()
+    assert list(entry.model_version_policy.specific.versions) == [1, 2, 3]
+    assert dict(entry.version_labels) == {
+        "smallest": 1, "most_robust": 3, "most_accurate": 2}
+
+
 def _cli(args, env):
     return subprocess.run(
         [sys.executable, "-m", "e2rnas_tf", *args], cwd=str(REPO), env=env,
@@ -146,8 +216,18 @@ def test_sweep_tiny_end_to_end(tmp_path, subprocess_env):
     for p in points:
         if not p["pareto"]:
             assert p["version"] is None
-    config_text = open(os.path.join(serving, "models.config")).read()
-    assert 'name: "front"' in config_text
+    from google.protobuf import text_format
+    from tensorflow_serving.config import model_server_config_pb2
+    config = text_format.Parse(
+        open(os.path.join(serving, "models.config")).read(),
+        model_server_config_pb2.ModelServerConfig())
+    (entry,) = config.model_config_list.config
+    assert entry.name == "front"
+    # Every front version is served, and the extremes are labelled.
+    assert list(entry.model_version_policy.specific.versions) == [
+        int(v) for v in served]
+    assert set(entry.version_labels) == set(sweep.FRONT_LABELS)
+    assert entry.version_labels["smallest"] == 1
     md = open(os.path.join(results, "sweep.md")).read()
     assert md.count("| params0.") == 3
     assert md.count(" * |") == sum(front)

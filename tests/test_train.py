@@ -183,7 +183,7 @@ def test_cli_train_writes_the_run(tiny_run):
     assert isinstance(model, model_lib.DerivedNetwork)
     assert float(model.drop_path_rate.numpy()) == pytest.approx(0.1)
     data_cfg = ml_collections.ConfigDict(config["data"])
-    _, test, _ = data_lib.load(data_cfg)
+    _, test, info = data_lib.load(data_cfg)
     logits = model(tf.constant(test.images, tf.float32) / 255.0)
     accuracy = float(np.mean(np.argmax(logits, -1) == test.labels))
     assert accuracy == pytest.approx(records[-1]["test_accuracy"])
@@ -191,6 +191,9 @@ def test_cli_train_writes_the_run(tiny_run):
     summary = json.loads((workdir / "summary.json").read_text())
     assert summary["params"] == model_lib.count_params(model)
     assert summary["steps"] == 4
+    # What `e2rnas export` names the served classes with.
+    assert summary["class_names"] == list(info.class_names)
+    assert len(summary["class_names"]) == summary["num_classes"] == 10
 
 
 def test_cli_train_refuses_a_different_run(tiny_run):

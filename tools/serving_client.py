@@ -3,20 +3,26 @@
 Usage (a server started as in the README, model name ``e2rnas``)::
 
     python tools/serving_client.py cat.png ship.jpg --model_name=e2rnas
+    python tools/serving_client.py cat.jpg --signature=serving_bytes
     python tools/serving_client.py cat.png --protocol=grpc --top_k=3 \\
         --metadata=/serving/e2rnas/1/assets.extra/e2rnas_metadata.json
 
-REST: ``POST http://HOST:8501/v1/models/NAME[/versions/V]:predict`` with
-``{"signature_name": ..., "instances": [{"images": ...}, ...]}`` (row
+REST: ``POST http://HOST:8501/v1/models/NAME[/versions/V|/labels/L]:predict``
+with ``{"signature_name": ..., "instances": [{"images": ...}, ...]}`` (row
 format) or ``{"inputs": {"images": [...]}}`` (columnar format); the answer
-is ``{"predictions": [...]}`` or ``{"outputs": {...}}``.
+is ``{"predictions": [...]}`` or ``{"outputs": {...}}``. With
+``--signature=serving_bytes`` the image files themselves are sent, base64
+in JSON (``{"image_bytes": {"b64": "..."}}``), and the server decodes and
+resizes them.
 gRPC: ``PredictionService/Predict`` on HOST:8500 with a ``PredictRequest``
 (needs the ``tensorflow-serving-api`` package).
 
-The input size comes from ``--image_size``, else the export's
+For pixel signatures the client decodes and resizes the images; the input
+size comes from ``--image_size``, else the export's
 ``e2rnas_metadata.json`` (``--metadata``), else the server's model
 metadata (the signature's input shape). Class names come from
-``--class_names`` or the export metadata.
+``--class_names`` or the export metadata; without either, the name of the
+top class comes from the model's ``class_names`` output.
 
 Request building and response parsing are pure functions (no network),
 tested against the documented formats; only `post_json`, `get_json`,
@@ -29,6 +35,8 @@ Reference:
 from __future__ import annotations
 
 import argparse
+import base64
+import io
 import json
 import sys
 import urllib.error
@@ -36,7 +44,12 @@ import urllib.request
 
 import numpy as np
 
-OUTPUT_KEYS = ("logits", "probabilities", "classes")
+OUTPUT_KEYS = ("logits", "probabilities", "classes", "class_names")
+# The input each signature of an e2rnas export takes.
+INPUT_NAMES = {"serving_default": "images", "serving_float": "images",
+               "serving_bytes": "image_bytes"}
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 class ServingError(ValueError):
@@ -78,47 +91,94 @@ def load_images(paths, image_size):
     return np.stack(arrays)
 
 
+def read_image_files(paths):
+    """The bytes to send to ``serving_bytes``, one per file.
+
+    JPEG and PNG files are sent as they are (the server decodes them as the
+    training data were decoded); other formats PIL reads are converted to
+    RGB and re-encoded as PNG (lossless), since the server takes only JPEG
+    and PNG.
+
+    Returns:
+        A list of ``bytes``.
+    """
+    from PIL import Image
+
+    files = []
+    for path in paths:
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            if not data.startswith((_JPEG_MAGIC, _PNG_MAGIC)):
+                with Image.open(io.BytesIO(data)) as image:
+                    buffer = io.BytesIO()
+                    image.convert("RGB").save(buffer, "PNG")
+                data = buffer.getvalue()
+        except OSError as e:
+            raise ValueError(f"Cannot read image {path}: {e}") from None
+        files.append(data)
+    return files
+
+
 # ------------------------------------------------------------------ REST
 
 
-def rest_url(host, port, model_name, version=None, verb="predict"):
-    """``http://HOST:PORT/v1/models/NAME[/versions/V][:verb]``.
+def rest_url(host, port, model_name, version=None, verb="predict",
+             label=None):
+    """``http://HOST:PORT/v1/models/NAME[/versions/V|/labels/L][:verb]``.
 
     ``verb=None`` gives the status URL, ``"metadata"`` the metadata URL
     (``.../metadata``), anything else ``...:verb``.
     """
+    if version is not None and label is not None:
+        raise ValueError("Expected a version or a label, not both")
     url = f"http://{host}:{port}/v1/models/{model_name}"
     if version is not None:
         url += f"/versions/{int(version)}"
+    elif label is not None:
+        url += f"/labels/{label}"
     if verb == "metadata":
         return url + "/metadata"
     return url if verb is None else f"{url}:{verb}"
 
 
 def build_rest_request(images, signature_name="serving_default",
-                       input_name="images", layout="row"):
+                       input_name=None, layout="row"):
     """The JSON body of a REST predict request.
 
     Args:
         images: ``[N, H, W, 3]`` array (uint8 for ``serving_default``,
-            float32 in [0, 1] for ``serving_float``).
+            float32 in [0, 1] for ``serving_float``), or a list of encoded
+            image files (``bytes``, for ``serving_bytes``), sent base64 as
+            ``{"b64": ...}``, which TF Serving decodes into a string
+            tensor.
         signature_name: the signature to run.
-        input_name: the signature's input key.
+        input_name: the signature's input key (default: the e2rnas
+            export's, `INPUT_NAMES`).
         layout: ``"row"`` (``instances``, one object per image) or
             ``"columnar"`` (``inputs``, one batched tensor per input).
 
     Returns:
         A JSON-ready dict.
     """
-    images = np.asarray(images)
-    if images.ndim != 4:
-        raise ValueError(
-            f"Expected images [N, H, W, C]. Received: shape={images.shape}")
+    if input_name is None:
+        input_name = INPUT_NAMES.get(signature_name, "images")
+    if isinstance(images, (list, tuple)) and images and all(
+            isinstance(i, bytes) for i in images):
+        values = [{"b64": base64.b64encode(i).decode("ascii")}
+                  for i in images]
+    else:
+        images = np.asarray(images)
+        if images.ndim != 4:
+            raise ValueError(
+                "Expected images [N, H, W, C] or a list of image files. "
+                f"Received: shape={images.shape}")
+        values = [image.tolist() for image in images]
     body = {"signature_name": signature_name}
     if layout == "row":
-        body["instances"] = [{input_name: image.tolist()} for image in images]
+        body["instances"] = [{input_name: value} for value in values]
     elif layout == "columnar":
-        body["inputs"] = {input_name: images.tolist()}
+        body["inputs"] = {input_name: values}
     else:
         raise ValueError(
             f"Expected layout='row' or 'columnar'. Received: {layout!r}")
@@ -133,6 +193,10 @@ def _as_arrays(outputs):
             array = array.astype(np.int64)
         elif array.dtype.kind in "if":
             array = array.astype(np.float32)
+        elif array.dtype.kind in "OS":
+            # String tensors: bytes over gRPC, str over REST; str for both.
+            array = np.asarray([v.decode() if isinstance(v, bytes) else v
+                                for v in array.ravel()]).reshape(array.shape)
         arrays[key] = array
     return arrays
 
@@ -244,18 +308,34 @@ def _serving_apis():
 
 
 def build_grpc_request(images, model_name, signature_name="serving_default",
-                       version=None, input_name="images"):
-    """A ``PredictRequest`` proto carrying `images` (dtype kept)."""
+                       version=None, input_name=None, label=None):
+    """A ``PredictRequest`` proto carrying `images`.
+
+    `images` as in `build_rest_request`: a pixel array (dtype kept) or a
+    list of image files (a string tensor ``[N]``; gRPC carries bytes, no
+    base64).
+    """
     import tensorflow as tf
 
     predict_pb2, _, _ = _serving_apis()
+    if input_name is None:
+        input_name = INPUT_NAMES.get(signature_name, "images")
+    if version is not None and label is not None:
+        raise ValueError("Expected a version or a label, not both")
     request = predict_pb2.PredictRequest()
     request.model_spec.name = model_name
     request.model_spec.signature_name = signature_name
     if version is not None:
         request.model_spec.version.value = int(version)
-    request.inputs[input_name].CopyFrom(
-        tf.make_tensor_proto(np.asarray(images)))
+    elif label is not None:
+        request.model_spec.version_label = label
+    if isinstance(images, (list, tuple)) and images and all(
+            isinstance(i, bytes) for i in images):
+        # dtype=object: numpy's fixed-width bytes would drop trailing NULs.
+        tensor = tf.make_tensor_proto(np.array(images, dtype=object))
+    else:
+        tensor = tf.make_tensor_proto(np.asarray(images))
+    request.inputs[input_name].CopyFrom(tensor)
     return request
 
 
@@ -267,13 +347,15 @@ def parse_grpc_response(response):
                        for key, proto in response.outputs.items()})
 
 
-def build_grpc_metadata_request(model_name, version=None):
+def build_grpc_metadata_request(model_name, version=None, label=None):
     """A ``GetModelMetadataRequest`` asking for the signature defs."""
     _, metadata_pb2, _ = _serving_apis()
     request = metadata_pb2.GetModelMetadataRequest()
     request.model_spec.name = model_name
     if version is not None:
         request.model_spec.version.value = int(version)
+    elif label is not None:
+        request.model_spec.version_label = label
     request.metadata_field.append("signature_def")
     return request
 
@@ -313,11 +395,11 @@ def grpc_predict(target, request, timeout=10.0):
 
 
 def grpc_signature_shape(target, model_name, signature_name, version=None,
-                         timeout=10.0):
+                         timeout=10.0, label=None):
     """The served signature's input shape, asked over gRPC."""
     import grpc
 
-    request = build_grpc_metadata_request(model_name, version)
+    request = build_grpc_metadata_request(model_name, version, label)
     try:
         response = _stub(target).GetModelMetadata(request, timeout)
     except grpc.RpcError as e:
@@ -338,9 +420,12 @@ def top_k(outputs, k=5, class_names=None):
     """The `k` most probable classes of every image.
 
     Args:
-        outputs: parsed outputs holding ``probabilities`` or ``logits``.
+        outputs: parsed outputs holding ``probabilities`` or ``logits``
+            (and, from an e2rnas export, ``classes`` / ``class_names``:
+            the top class and its name).
         k: classes per image (capped at the number of classes).
-        class_names: optional names, index = class.
+        class_names: optional names, index = class. Without them, the top
+            class is named from the ``class_names`` output if present.
 
     Returns:
         Per image, a list of ``(class_index, name_or_None, probability)``
@@ -362,12 +447,24 @@ def top_k(outputs, k=5, class_names=None):
             f"Expected {probs.shape[1]} class names. Received: "
             f"{len(class_names)}")
     k = max(1, min(int(k), probs.shape[1]))
+    # Without a list of names, an e2rnas export still names its top class.
+    top = None
+    if class_names is None and {"classes", "class_names"} <= set(outputs):
+        top = list(zip(np.asarray(outputs["classes"]).ravel(),
+                       np.asarray(outputs["class_names"]).ravel()))
+
+    def name(i, c):
+        if class_names is not None:
+            return class_names[c]
+        if top is not None and int(top[i][0]) == c:
+            return str(top[i][1])
+        return None
+
     results = []
-    for row in probs:
+    for i, row in enumerate(probs):
         order = np.argsort(-row, kind="stable")[:k]
-        results.append([
-            (int(c), None if class_names is None else class_names[c],
-             float(row[c])) for c in order])
+        results.append([(int(c), name(i, int(c)), float(row[c]))
+                        for c in order])
     return results
 
 
@@ -418,8 +515,12 @@ def _parser():
     p.add_argument("--model_name", default="e2rnas")
     p.add_argument("--version", type=int, default=None,
                    help="model version (default: the server's latest)")
+    p.add_argument("--version_label", default=None,
+                   help="a version label of models.config (e.g. stable)")
     p.add_argument("--signature", default="serving_default",
-                   choices=("serving_default", "serving_float"))
+                   choices=tuple(INPUT_NAMES),
+                   help="serving_bytes sends the image files themselves "
+                   "(base64 over REST); the others send decoded pixels")
     p.add_argument("--layout", choices=("row", "columnar"), default="row",
                    help="REST request format")
     p.add_argument("--image_size", type=int, default=None)
@@ -435,19 +536,24 @@ def _parser():
 def run(argv=None):
     """Runs the client; returns the process exit code."""
     args = _parser().parse_args(argv)
+    if args.version is not None and args.version_label is not None:
+        raise ValueError("Expected --version or --version_label, not both")
     meta = {}
     if args.metadata:
         with open(args.metadata) as f:
             meta = json.load(f)
     class_names = read_class_names(args.class_names) or meta.get(
         "class_names")
-    if args.image_size:
+    if args.signature == "serving_bytes":
+        size = None  # the server decodes and resizes
+    elif args.image_size:
         size = (args.image_size, args.image_size)
     elif meta.get("image_size") and None not in meta["image_size"]:
         size = tuple(meta["image_size"])
     elif args.protocol == "rest":
         body = get_json(rest_url(args.host, args.rest_port, args.model_name,
-                                 args.version, "metadata"), args.timeout)
+                                 args.version, "metadata",
+                                 label=args.version_label), args.timeout)
         if "error" in body:
             raise ServingError(f"Server error: {body['error']}")
         size = image_size_from_shape(signature_shape_from_rest_metadata(
@@ -455,18 +561,22 @@ def run(argv=None):
     else:
         size = image_size_from_shape(grpc_signature_shape(
             f"{args.host}:{args.grpc_port}", args.model_name,
-            args.signature, args.version, args.timeout))
-    images = load_images(args.images, size)
+            args.signature, args.version, args.timeout, args.version_label))
+    if size is None:
+        images = read_image_files(args.images)
+    else:
+        images = load_images(args.images, size)
     if args.signature == "serving_float":
         images = images.astype(np.float32) / 255.0
     if args.protocol == "rest":
         body = build_rest_request(images, args.signature, layout=args.layout)
         outputs = parse_rest_response(post_json(
             rest_url(args.host, args.rest_port, args.model_name,
-                     args.version), body, args.timeout))
+                     args.version, label=args.version_label), body,
+            args.timeout))
     else:
         request = build_grpc_request(images, args.model_name, args.signature,
-                                     args.version)
+                                     args.version, label=args.version_label)
         outputs = parse_grpc_response(grpc_predict(
             f"{args.host}:{args.grpc_port}", request, args.timeout))
     print(format_results(args.images, top_k(outputs, args.top_k,
