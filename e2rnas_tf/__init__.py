@@ -17,6 +17,12 @@ Reference:
 
 __version__ = "0.1.0"
 
+# TensorFlow's native start-up lines (INFO records) are dropped from stderr
+# during its import, without touching the environment (tf_startup).
+from e2rnas_tf import tf_startup  # noqa: E402
+
+tf_startup.import_tensorflow_quietly()
+
 # Keras rebuilds a custom class of a .keras file only if the class was
 # registered (`register_keras_serializable`) in this process, which happens
 # when its module is imported. These modules hold every serialisable class

@@ -194,15 +194,16 @@ def main(argv):
 def _quiet_logs():
     # absl INFO lines (one per checkpoint save) drown the progress output;
     # warnings and errors still show. TF 2.21's own start-up lines come
-    # from C++ before any setting can reach them: see tf_startup.
+    # from C++ before any setting can reach them: see tf_startup (the
+    # package import drops the import's, this entry point the CUDA
+    # probe's).
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
 def run():
     """Console-script entry point."""
     _quiet_logs()
-    if sys.argv[1:2] not in ([], ["help"], ["-h"]):  # usage needs no TF
-        tf_startup.import_tensorflow_quietly()
+    tf_startup.initialize_devices_quietly()
     app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
 
 

@@ -1,32 +1,31 @@
-"""A quiet TensorFlow start-up for the ``e2rnas`` command line.
+"""A quiet TensorFlow start-up: the package import and the CLI's devices.
 
 Importing TensorFlow 2.21 writes native log lines to stderr: the oneDNN
-notice and the CUDA probing (``cudart_stub.cc``), each block preceded by
-``WARNING: All log messages before absl::InitializeLog() is called are
-written to STDERR`` (the native libraries log through absl before anything
-initialises absl logging, and absl then writes every message, whatever
-``TF_CPP_MIN_LOG_LEVEL`` says); later the first op logs the CPU-feature
-notice and, without a GPU driver, ``failed call to cuInit`` (these two do
-obey ``TF_CPP_MIN_LOG_LEVEL``). On a user error they preceded the one line
+notice, the CUDA probing (``cudart_stub.cc``) and the CPU-feature notice,
+each block preceded by ``WARNING: All log messages before
+absl::InitializeLog() is called are written to STDERR`` (the native
+libraries log through absl before anything initialises absl logging, and
+absl then writes every message, whatever ``TF_CPP_MIN_LOG_LEVEL`` says);
+the first device query then logs, without a GPU driver, ``failed call to
+cuInit`` (an ERROR). On a user error they preceded the one line
 ``e2rnas <cmd>: error: ...``.
 
-`import_tensorflow_quietly` is called once by the console entry point
-(`cli.run`, also what ``python -m e2rnas_tf`` runs), before anything
-imports TensorFlow (loading a ``--config`` file does), except for the usage
-message, which needs no TensorFlow:
+Neither function changes the process's environment. Both redirect file
+descriptor 2 to a temporary file around the call, then write back what was
+printed except the absl banner and the absl records below a level (any
+other output, e.g. a Python warning, still shows; if the call fails,
+everything shows):
 
-- it sets ``TF_CPP_MIN_LOG_LEVEL=3`` unless the user set it (3 is what
-  hides the cuInit line, an ERROR; TensorFlow's failures still reach the
-  user as Python exceptions);
-- it imports TensorFlow with file descriptor 2 redirected to a temporary
-  file, then writes back to stderr what the import printed except absl
-  records below that level and the absl banner (so
-  ``TF_CPP_MIN_LOG_LEVEL=0 e2rnas ...`` shows everything, and any other
-  output of the import, e.g. a Python warning, still shows; if the import
-  fails, all of it shows).
+- `import_tensorflow_quietly`, called by ``import e2rnas_tf`` (the package
+  imports TensorFlow anyway, to register its Keras layers): the level is
+  ``TF_CPP_MIN_LOG_LEVEL`` when the user set it, else 1 (INFO records
+  hidden, warnings and errors shown);
+- `initialize_devices_quietly`, called by the console entry point
+  (`cli.run`, also what ``python -m e2rnas_tf`` runs) before it parses
+  flags: the level is ``TF_CPP_MIN_LOG_LEVEL`` when set, else 3 (the CUDA
+  probe's ERROR on a machine without a GPU is not the user's error).
 
-It is not called on import of the package: a library never changes the
-process's environment.
+``TF_CPP_MIN_LOG_LEVEL=0 e2rnas ...`` shows everything.
 """
 
 import contextlib
@@ -36,32 +35,57 @@ import sys
 import tempfile
 
 LEVEL_VARIABLE = "TF_CPP_MIN_LOG_LEVEL"
-DEFAULT_LEVEL = "3"
+# Hidden below these levels unless the user set TF_CPP_MIN_LOG_LEVEL.
+IMPORT_LEVEL = 1
+CLI_LEVEL = 3
 ABSL_BANNER = ("WARNING: All log messages before absl::InitializeLog() is "
                "called are written to STDERR")
 # An absl/glog record: severity letter, MMDD, time, thread id, file:line].
 # (TF 2.21 prints "I0000 00:00:1796100230.297574": seconds since 1970.)
 _RECORD = re.compile(r"^([IWEF])\d{4} \d\d:\d\d:\d+\.\d+ +\d+ \S+:\d+\] ")
 _SEVERITIES = "IWEF"
+# A Python warning ("path.py:12: DeprecationWarning: ..."): never taken
+# for the continuation of a record.
+_PY_WARNING = re.compile(r"^\S+:\d+: \w*Warning: ")
+
+
+def _level(default):
+    value = os.environ.get(LEVEL_VARIABLE)
+    return default if value is None else min_level(value)
 
 
 def import_tensorflow_quietly():
     """Imports TensorFlow without its start-up log lines (see the module).
 
-    For the process's entry point only: it sets `TF_CPP_MIN_LOG_LEVEL` in
-    `os.environ` (unless set) for the rest of the process. Does nothing if
-    TensorFlow is already imported.
+    Does nothing if TensorFlow is already imported.
     """
     if "tensorflow" in sys.modules:
         return
-    os.environ.setdefault(LEVEL_VARIABLE, DEFAULT_LEVEL)
-    level = min_level(os.environ[LEVEL_VARIABLE])
+    level = _level(IMPORT_LEVEL)
     if level == 0:
         import tensorflow  # noqa: F401
         return
     with _stderr_captured() as captured:
         import tensorflow  # noqa: F401
-    sys.stderr.write(drop_startup_lines(captured[0], level))
+    _replay(captured[0], level)
+
+
+def initialize_devices_quietly():
+    """Lists TensorFlow's devices (which probes CUDA) without the probe's
+    log lines (see the module). For the process's entry point."""
+    import tensorflow as tf
+
+    level = _level(CLI_LEVEL)
+    if level == 0:
+        tf.config.list_physical_devices()
+        return
+    with _stderr_captured() as captured:
+        tf.config.list_physical_devices()
+    _replay(captured[0], level)
+
+
+def _replay(text, level):
+    sys.stderr.write(drop_startup_lines(text, level))
     sys.stderr.flush()
 
 
@@ -76,8 +100,9 @@ def min_level(value):
 def drop_startup_lines(text, level):
     r"""`text` without the absl banner and absl records below `level`.
 
-    Every other line is kept (a Python warning printed during the import,
-    or the continuation line of a multi-line record).
+    Every other line is kept (e.g. a Python warning printed during the
+    import), except the continuation lines of a dropped multi-line record
+    (the CPU-feature notice has one).
 
     Args:
         text: What was written to stderr.
@@ -96,13 +121,18 @@ def drop_startup_lines(text, level):
     if level <= 0:
         return text
     kept = []
+    dropping = False  # inside a dropped record (its continuation lines)
     for line in text.splitlines(keepends=True):
         record = _RECORD.match(line)
-        if record and _SEVERITIES.index(record.group(1)) < level:
+        if record:
+            dropping = _SEVERITIES.index(record.group(1)) < level
+        elif line.rstrip("\n") == ABSL_BANNER:
+            dropping = False
             continue
-        if line.rstrip("\n") == ABSL_BANNER:
-            continue
-        kept.append(line)
+        elif _PY_WARNING.match(line):
+            dropping = False
+        if not dropping:
+            kept.append(line)
     return "".join(kept)
 
 
