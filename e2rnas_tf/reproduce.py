@@ -112,12 +112,13 @@ def method_configs(config, method, seed):
 
 
 @functools.lru_cache(maxsize=4)
-def _published_scale_table(num_classes):
+def _published_scale_table(num_classes, steps, multiplier):
     # The scale papers quote cells at (DARTS, E2RNAS): 20 cells, C=36, 32x32.
     from e2rnas_tf import resources
 
-    return resources.measured_table("params", channels=36, layers=20,
-                                    num_classes=num_classes, image_size=32)
+    return resources.measured_table(
+        "params", channels=36, layers=20, num_classes=num_classes,
+        image_size=32, steps=steps, multiplier=multiplier)
 
 
 def cell_params_m(genotype, num_classes):
@@ -128,8 +129,9 @@ def cell_params_m(genotype, num_classes):
 
     g = genotypes_lib.Genotype.from_dict(genotype)
     weights = resources.genotype_weights(g)
-    return float(resources.expected_cost(
-        *weights, _published_scale_table(int(num_classes))))
+    table = _published_scale_table(int(num_classes), g.steps,
+                                   len(g.normal_concat))
+    return float(resources.expected_cost(*weights, table))
 
 
 def describe_method(search):

@@ -222,7 +222,9 @@ def test_reproduce_tiny_end_to_end_and_resume(tmp_path, subprocess_env):
             assert json.load(f) == searched
     md = open(os.path.join(results, "results.md")).read()
     assert "| DARTS (accuracy only) | 2 |" in md
-    assert "| E2RNAS (MGDA) | 2 |" in md and "±" in md
+    assert "| E2RNAS (ours) | 2 |" in md and "±" in md
+    assert "Methods (search settings):" in md
+    assert "- **DARTS (accuracy only)** (`darts`): objectives acc" in md
     assert "--config=configs/reproduce.py:tiny" in md
     assert "the same images and PGD starts for every run" in md
     for run in runs:
