@@ -53,6 +53,9 @@ class Args:
     output: str | None
     extra: tuple[str, ...]
     serving_base_path: str = "/models"
+    # The whole command line as typed (flags included), for the records a
+    # command writes (reproduce, sweep).
+    command_line: tuple[str, ...] = ()
 
 
 # name -> ("module:function", default config factory in config_lib, help).
@@ -145,7 +148,7 @@ def _parse_flags(argv):
         sys.exit(2)
 
 
-def _main(argv):
+def _main(argv, command_line):
     if len(argv) < 2 or argv[1] in ("help", "-h"):
         print(_usage())
         return 0 if len(argv) >= 2 else 2
@@ -171,13 +174,16 @@ def _main(argv):
                 checkpoint=_CHECKPOINT.value, export_base=_EXPORT_BASE.value,
                 model_name=_MODEL_NAME.value, output=_OUTPUT.value,
                 extra=tuple(argv[2:]),
-                serving_base_path=_SERVING_BASE_PATH.value)
+                serving_base_path=_SERVING_BASE_PATH.value,
+                command_line=tuple(command_line))
     return function(config, args) or 0
 
 
-def main(argv):
+def main(argv, command_line=()):
+    """Runs the command in ``argv`` (absl's, flags parsed);
+    ``command_line`` is the command as typed, for the records."""
     try:
-        return _main(argv)
+        return _main(argv, command_line or ("e2rnas", *argv[1:]))
     except (ValueError, OSError) as e:
         # Library code raises ValueError subclasses with complete, specific
         # messages for every bad input; anything else is a bug and keeps its
@@ -204,7 +210,9 @@ def run():
     """Console-script entry point."""
     _quiet_logs()
     tf_startup.initialize_devices_quietly()
-    app.run(lambda argv: sys.exit(main(argv)), flags_parser=_parse_flags)
+    command_line = ("e2rnas", *sys.argv[1:])
+    app.run(lambda argv: sys.exit(main(argv, command_line)),
+            flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

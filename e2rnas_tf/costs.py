@@ -178,8 +178,10 @@ def count_params(layer_or_variables):
 
     For a Keras layer this counts its trainable weights only, so batch
     norm moving statistics are excluded, as PyTorch's ``parameters()`` (and
-    so every published parameter count) excludes buffers. A list of
-    variables is counted as given.
+    so every published parameter count) excludes buffers; a training-only
+    auxiliary head (a layer's ``auxiliary_head``, as `model.DerivedNetwork`
+    has) is left out, as published counts do. A list of variables is
+    counted as given.
 
     Args:
         layer_or_variables: a built Keras layer/model, or an iterable of
@@ -196,12 +198,27 @@ def count_params(layer_or_variables):
     50
     """
     if isinstance(layer_or_variables, keras.layers.Layer):
-        if not layer_or_variables.built:
+        layer = layer_or_variables
+        if not layer.built:
             raise ValueError(
                 "Expected a built layer to count its parameters. Received: "
-                f"unbuilt layer {layer_or_variables.name!r}")
-        variables = layer_or_variables.trainable_weights
+                f"unbuilt layer {layer.name!r}")
+        aux = getattr(layer, "auxiliary_head", None)
+        skip = {id(v) for v in aux.trainable_weights} if aux else set()
+        variables = [v for v in layer.trainable_weights if id(v) not in skip]
     else:
         variables = list(layer_or_variables)
     return int(sum(int(np.prod(v.shape, dtype=np.int64)) for v in variables))
 
+
+def count_inference_macs(model, image_size):
+    """Multiply-adds of one inference forward pass of one square image
+    (``model(x, training=False)``: an auxiliary head does not run).
+
+    Raises:
+        ValueError: the graph holds an op this module cannot count.
+    """
+    def forward(images):
+        return model(images, training=False)
+
+    return int(count_macs(forward, (image_size, image_size, 3)))

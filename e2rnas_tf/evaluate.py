@@ -41,6 +41,13 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from e2rnas_tf import costs
+from e2rnas_tf import data as data_lib
+from e2rnas_tf import runtime
+from e2rnas_tf.runs import checkpoints as ckpt_lib
+from e2rnas_tf.runs import files
+from e2rnas_tf.runs import workdir as workdir_lib
+
 __all__ = ["ATTACKS", "EvaluationError", "check_output", "cleverhans_attack",
            "evaluate", "evaluate_model", "float32_model", "format_table",
            "main", "sanity_checks"]
@@ -670,38 +677,12 @@ def _read_json(path):
         raise EvaluationError(f"{path} is not valid JSON: {e}") from None
 
 
-def _write_atomic(path, text):
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def _count_params(model):
-    from e2rnas_tf import costs
-
-    try:
-        from e2rnas_tf import model as model_lib
-    except ImportError:
-        model_lib = None
-    if model_lib is not None and isinstance(model, model_lib.DerivedNetwork):
-        # As published counts: the auxiliary head is dropped after training.
-        return model_lib.count_params(model, exclude_aux=True)
-    return costs.count_params(model)
-
-
-def _count_flops(model, image_shape):
+def _count_flops(model, image_size):
     """Multiply-adds of one image, or ``(None, reason)``."""
     try:
-        from e2rnas_tf import costs
-    except ImportError as e:
-        return None, f"FLOPs omitted: {e}"
-    try:
-        macs = costs.count_macs(lambda x: model(x, training=False),
-                                tuple(image_shape))
+        return costs.count_inference_macs(model, image_size), None
     except ValueError as e:
         return None, f"FLOPs omitted: {str(e).splitlines()[0]}"
-    return int(macs), None
 
 
 def write_summaries(logdir, report):
@@ -761,30 +742,15 @@ def _identity(config, checkpoint):
             "seed": evaluation_seed(config)}
 
 
-def _differences(old, new, prefix=""):
-    """``["key: A there, B here", ...]`` between two JSON-ready values."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        out = []
-        for key in sorted(set(old) | set(new), key=str):
-            name = f"{prefix}.{key}" if prefix else str(key)
-            if key not in old:
-                out.append(f"{name}: absent there")
-            elif key not in new:
-                out.append(f"{name}: absent here")
-            else:
-                out += _differences(old[key], new[key], name)
-        return out
-    return [] if old == new else [f"{prefix}: {old!r} there, {new!r} here"]
-
-
 def check_output(out_dir, identity, overwrite=False):
     """Refuses to replace another evaluation's ``evaluation.json``.
 
-    An ``evaluation.json`` in ``out_dir`` made from the same checkpoint
-    (same absolute path), the same ``config.evaluate`` settings, the same
-    test data (``config.data`` fields in `_TEST_DATA_FIELDS`) and the same
-    seed is this very evaluation: it is re-run and replaced (idempotent).
-    Any other one, or one that is not readable JSON, is kept unless
+    The identity rule of every run (`runs.workdir.claim`): an
+    ``evaluation.json`` in ``out_dir`` made from the same checkpoint (same
+    absolute path), the same ``config.evaluate`` settings, the same test
+    data (``config.data`` fields in `_TEST_DATA_FIELDS`) and the same seed
+    is this very evaluation: it is re-run and replaced (idempotent). Any
+    other one, or one that is not readable JSON, is kept unless
     ``overwrite``. Nothing is written here.
 
     Args:
@@ -793,29 +759,17 @@ def check_output(out_dir, identity, overwrite=False):
         overwrite: replace whatever is there.
 
     Raises:
-        EvaluationError: naming the file, the differences and
-            ``--overwrite``.
+        runs.workdir.WorkdirError: naming the directory, the differences
+            and ``--overwrite``.
     """
-    path = os.path.join(out_dir, "evaluation.json")
-    if overwrite or not os.path.exists(path):
-        return
-    hint = "pass --overwrite to replace it or choose another --workdir"
-    try:
-        with open(path) as f:
-            old = json.load(f)
-    except (OSError, ValueError) as e:
-        reason = " ".join(str(e).split())
-        raise EvaluationError(
-            f"{path} exists and is not a readable evaluation ({reason}); "
-            f"{hint}") from None
-    if not isinstance(old, dict):
-        old = {}
-    # The stored fields went through JSON (tuples became lists).
-    new = json.loads(json.dumps(identity))
-    diffs = _differences({k: old.get(k) for k in new}, new)
-    if diffs:
-        raise EvaluationError(
-            f"{path} holds another evaluation ({'; '.join(diffs)}); {hint}")
+    def read(path):
+        stored = files.read_json(path)
+        if not isinstance(stored, dict):
+            raise ValueError("not a JSON object")
+        return {k: stored.get(k) for k in identity}
+
+    workdir_lib.claim(out_dir, identity, record="evaluation.json",
+                      read=read, overwrite=overwrite, what="evaluation")
 
 
 def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
@@ -853,27 +807,27 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
     >>> report = evaluate(config, "runs/train")  # doctest: +SKIP
     >>> report["robust_accuracy"]["pgd"]["8"]  # doctest: +SKIP
     """
-    from e2rnas_tf import data as data_lib
-    from e2rnas_tf import export as export_lib
-    from e2rnas_tf import runtime
-
     ev = config.evaluate
     # Bad settings fail before the model and data are loaded.
     _check_settings(ev.attacks, ev.epsilons, ev.pgd_steps, ev.step_size,
                     ev.restarts, ev.num_examples, ev.batch_size)
     seed = evaluation_seed(config)
-    runtime.configure(config)
-    # Evaluation computes in float32 whatever the training precision was
-    # (see float32_model); layers created during loading follow this.
-    keras.mixed_precision.set_global_policy("float32")
-    path = export_lib.resolve_checkpoint(checkpoint)
+    path = ckpt_lib.resolve_model_file(checkpoint)
     run_dir = os.path.dirname(os.path.abspath(path))
     out_dir = os.path.abspath(out_dir) if out_dir else run_dir
     identity = _identity(config, path)
     # Before the slow part: another evaluation's report is never replaced
     # without --overwrite.
     check_output(out_dir, identity, overwrite)
-    model = export_lib.load_checkpoint(path)
+    # Evaluation computes in float32 whatever the training precision was
+    # (see float32_model); layers created during loading follow this.
+    with runtime.configured(config), runtime.precision_policy("float32"):
+        return _evaluate(config, path, run_dir, out_dir, identity, seed, log)
+
+
+def _evaluate(config, path, run_dir, out_dir, identity, seed, log):
+    ev = config.evaluate
+    model = ckpt_lib.load_model_file(path)
 
     _, test, info = data_lib.load(config.data)
     test = _subset(test, int(ev.num_examples), seed)
@@ -895,8 +849,8 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
               "data": identity["data"],
               "num_classes": info.num_classes,
               "class_names": list(info.class_names),
-              "params": _count_params(model)}
-    flops, note = _count_flops(model, image_shape)
+              "params": costs.count_params(model)}
+    flops, note = _count_flops(model, info.image_size)
     if flops is None:
         header["flops_note"] = note
     else:
@@ -924,9 +878,9 @@ def evaluate(config, checkpoint, out_dir=None, *, overwrite=False,
 
     os.makedirs(out_dir, exist_ok=True)
     table = format_table(report)
-    _write_atomic(os.path.join(out_dir, "evaluation.json"),
-                  json.dumps(report, indent=2, sort_keys=False) + "\n")
-    _write_atomic(os.path.join(out_dir, "evaluation.md"), table)
+    files.write_json(os.path.join(out_dir, "evaluation.json"), report,
+                     sort_keys=False)
+    files.write_text(os.path.join(out_dir, "evaluation.md"), table)
     write_summaries(os.path.join(out_dir, "tb", "evaluation"), report)
     log(table.rstrip("\n"))
     log(f"wrote {os.path.join(out_dir, 'evaluation.json')} and "

@@ -42,8 +42,15 @@ import os
 import re
 import shutil
 import tempfile
-import zipfile
-import zlib
+
+import keras
+import tensorflow as tf
+from google.protobuf import text_format
+from tensorflow_serving.config import model_server_config_pb2
+
+from e2rnas_tf import costs
+from e2rnas_tf.runs import checkpoints as ckpt_lib
+from e2rnas_tf.runs import files
 
 __all__ = [
     "ExportError", "export", "main", "next_version", "served_versions",
@@ -147,7 +154,6 @@ def _decode_image_bytes(image_bytes, height, width):
     A model of any size gets no resize: then one request's images must
     share one size.
     """
-    import tensorflow as tf
 
     resize = height is not None and width is not None
 
@@ -212,7 +218,6 @@ def _signature_fns(model, height, width, class_names=None):
         logits' static width): `class_names`, or ``"0"``, ``"1"``, ... when
         it is None.
     """
-    import tensorflow as tf
 
     resolved = {}
 
@@ -272,7 +277,6 @@ def _signature_fns(model, height, width, class_names=None):
 
 def _write_savedmodel(model, path, height, width, class_names=None):
     """Writes the SavedModel; returns the class names its outputs use."""
-    import keras
 
     archive = keras.export.ExportArchive()
     archive.track(model)
@@ -284,8 +288,6 @@ def _write_savedmodel(model, path, height, width, class_names=None):
 
 
 def _read_model_config(path):
-    from google.protobuf import text_format
-    from tensorflow_serving.config import model_server_config_pb2
 
     config = model_server_config_pb2.ModelServerConfig()
     if os.path.exists(path):
@@ -337,7 +339,6 @@ def update_model_config(export_base, model_name, base_path=None, *,
         ExportError: the file is not a valid TF Serving model config, a
             label is malformed, or names a version that is not served.
     """
-    from google.protobuf import text_format
 
     path = os.path.join(export_base, MODEL_CONFIG)
     config = _read_model_config(path)
@@ -365,10 +366,7 @@ def update_model_config(export_base, model_name, base_path=None, *,
     entry.ClearField("version_labels")
     for label in sorted(kept):
         entry.version_labels[label] = kept[label]
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text_format.MessageToString(config))
-    os.replace(tmp, path)
+    files.write_text(path, text_format.MessageToString(config))
     return path
 
 
@@ -434,8 +432,6 @@ def export(model, export_base, model_name, *, metadata=None,
     ...                      metadata={"genotype": g.to_dict()},
     ...                      class_names=["airplane", ...])
     """
-    import keras
-    import tensorflow as tf
 
     check_model_name(model_name)
     class_names = check_class_names(class_names)
@@ -515,126 +511,10 @@ def export(model, export_base, model_name, *, metadata=None,
 
 
 def _read_json(path):
-    if not os.path.exists(path):
-        return None
-    with open(path) as f:
-        try:
-            return json.load(f)
-        except json.JSONDecodeError as e:
-            raise ExportError(f"{path} is not valid JSON: {e}") from None
-
-
-def resolve_checkpoint(checkpoint):
-    """The ``.keras`` file a ``--checkpoint`` value names.
-
-    Args:
-        checkpoint: a ``.keras`` file, or a training work directory holding
-            ``model_best.keras`` (preferred) or ``model_last.keras``.
-
-    Returns:
-        The path of the model file.
-    """
-    if not checkpoint:
-        raise ExportError(
-            "Expected --checkpoint=<train workdir or .keras file>. "
-            "Received: nothing")
-    if not os.path.exists(checkpoint):
-        raise ExportError(f"Checkpoint {checkpoint} does not exist")
-    if os.path.isdir(checkpoint):
-        for name in ("model_best.keras", "model_last.keras"):
-            path = os.path.join(checkpoint, name)
-            if os.path.isfile(path):
-                return path
-        raise ExportError(
-            f"{checkpoint} holds no model_best.keras or model_last.keras")
-    if not checkpoint.endswith(".keras"):
-        raise ExportError(
-            f"Expected a .keras model file. Received: {checkpoint}")
-    return checkpoint
-
-
-def _archive_problem(path):
-    """Why ``path`` is not a readable ``.keras`` zip archive, or None.
-
-    Keras' own loader reports every one of these cases as "File not found"
-    (or a bare KeyError / zip CRC error), which sends the user looking for
-    a file that is right there.
-    """
-    size = os.path.getsize(path)
-    if size == 0:
-        return "the file is empty"
-    if not zipfile.is_zipfile(path):
-        with open(path, "rb") as f:
-            zip_magic = f.read(2) == b"PK"
-        if zip_magic:
-            return (f"a truncated or damaged zip archive ({size} bytes, no "
-                    "zip directory at its end)")
-        return (f"not a zip archive ({size} bytes; `model.save` writes "
-                ".keras files as zip archives)")
     try:
-        with zipfile.ZipFile(path) as archive:
-            names = set(archive.namelist())
-            if "config.json" not in names:
-                return ("the zip archive holds no config.json, so Keras did "
-                        "not write it")
-            if not names & {"model.weights.h5", "model.weights.npz"}:
-                return "the zip archive holds no model.weights.h5"
-            damaged = archive.testzip()
-            if damaged is not None:
-                return (f"{damaged} in the zip archive is damaged (CRC "
-                        "mismatch)")
-            try:
-                json.loads(archive.read("config.json"))
-            except ValueError as e:
-                return f"its config.json is not valid JSON: {e}"
-    except (zipfile.BadZipFile, zlib.error, OSError, RuntimeError,
-            NotImplementedError) as e:
-        return f"a damaged zip archive: {' '.join(str(e).split())}"
-    return None
-
-
-def load_checkpoint(path):
-    """Loads a ``.keras`` file written by ``e2rnas train``.
-
-    Args:
-        path: a ``.keras`` file (see `resolve_checkpoint`).
-
-    Returns:
-        The Keras model (not compiled).
-
-    Raises:
-        ExportError: one line ``<path> is not a loadable Keras model file:
-            <reason>`` for an empty, truncated, damaged or non-zip file, a
-            zip without Keras' config.json or weights, and for anything
-            Keras itself cannot rebuild.
-    """
-    import keras
-
-    # The e2rnas layers are registered with Keras' serialisation by the
-    # package import (e2rnas_tf/__init__.py), which ran before this module.
-    problem = _archive_problem(path)
-    if problem is None:
-        try:
-            return keras.saving.load_model(path, compile=False)
-        except (ValueError, OSError, KeyError, TypeError,
-                zipfile.BadZipFile) as e:
-            lines = str(e).strip().splitlines()
-            problem = lines[0].strip() if lines else repr(e)
-            if isinstance(e, OSError):
-                # The archive was checked: h5py failing on the weights.
-                problem = f"its weights file cannot be read: {problem}"
-    raise ExportError(f"{path} is not a loadable Keras model file: {problem}")
-
-
-def _count_params(model):
-    try:
-        from e2rnas_tf import model as model_lib
-    except ImportError:
-        model_lib = None
-    if model_lib is not None and isinstance(model, model_lib.DerivedNetwork):
-        # As reported in papers: without the training-only auxiliary head.
-        return model_lib.count_params(model)
-    return int(sum(int(v.numpy().size) for v in model.trainable_variables))
+        return files.read_json(path)
+    except ValueError as e:
+        raise ExportError(f"{path} is not valid JSON: {e}") from None
 
 
 def checkpoint_metadata(model_path, model):
@@ -683,7 +563,7 @@ def checkpoint_metadata(model_path, model):
                     info["class_names_from"] = f"{source}.json"
                 break
     if "params" not in info:
-        info["params"] = _count_params(model)
+        info["params"] = costs.count_params(model)
     return info
 
 
@@ -711,8 +591,8 @@ def main(config, args):
         raise ExportError(
             "Expected --export_base=<TF Serving base directory>. "
             "Received: nothing")
-    path = resolve_checkpoint(args.checkpoint)
-    model = load_checkpoint(path)
+    path = ckpt_lib.resolve_model_file(args.checkpoint)
+    model = ckpt_lib.load_model_file(path)
     metadata = checkpoint_metadata(path, model)
     version_dir = export(model, args.export_base, args.model_name,
                          metadata=metadata,

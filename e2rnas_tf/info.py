@@ -15,7 +15,12 @@ import dataclasses
 import numpy as np
 import tensorflow as tf
 
+from e2rnas_tf import data as data_lib
 from e2rnas_tf import resources
+from e2rnas_tf import runtime
+from e2rnas_tf import search_step
+from e2rnas_tf.costs import count_params
+from e2rnas_tf.search_space import SearchNetwork
 
 # What pushing a cost down means, per kind.
 _CHEAPER = {"params": "parameter-free ops", "flops": "cheaper ops"}
@@ -169,13 +174,13 @@ def format_report(report, resource):
 def main(config, args):
     """``e2rnas info``: the supernet, the dataset and the resource
     objectives a config selects."""
-    from e2rnas_tf import data as data_lib
-    from e2rnas_tf import runtime
-    from e2rnas_tf import search_step
-    from e2rnas_tf.search_space import SearchNetwork, count_params
-
     search_step.check_resource(config.resource)
-    runtime.configure(config)
+    with runtime.configured(config):
+        _print_info(config)
+    return 0
+
+
+def _print_info(config):
     train, test, ds = data_lib.load(config.data)
     size = ds.image_size
     net = SearchNetwork(
@@ -205,4 +210,3 @@ def main(config, args):
     for report in reports:
         for line in format_report(report, config.resource):
             print(line)
-    return 0

@@ -22,10 +22,9 @@ import tensorflow as tf
 
 from e2rnas_tf import genotypes as genotypes_lib
 from e2rnas_tf import ops as ops_lib
-from e2rnas_tf.search_space import reduction_layers
+from e2rnas_tf import topology
 
-__all__ = ["AuxiliaryHead", "DerivedCell", "DerivedNetwork", "count_flops",
-           "count_params", "drop_path"]
+__all__ = ["AuxiliaryHead", "DerivedCell", "DerivedNetwork", "drop_path"]
 
 _PACKAGE = "e2rnas_tf"
 STEM_MULTIPLIER = 3
@@ -303,18 +302,14 @@ class DerivedNetwork(keras.Model):
             c_curr, 3, padding="same", use_bias=False,
             kernel_initializer="he_normal", name="stem_conv")
         self.stem_bn = ops_lib.BatchNorm(affine=True, name="stem_bn")
-        self.cells = []
-        reductions = reduction_layers(self.num_layers)
-        reduction_prev = False
-        c_curr = self.channels
-        for i in range(self.num_layers):
-            reduction = i in reductions
-            if reduction:
-                c_curr *= 2
-            self.cells.append(DerivedCell(
-                self.genotype, c_curr, reduction, reduction_prev,
-                name=f"cell_{i}"))
-            reduction_prev = reduction
+        plan, _ = topology.cell_plan(
+            self.channels, self.num_layers,
+            multiplier=len(self.genotype.normal_concat),
+            stem_multiplier=STEM_MULTIPLIER)
+        self.cells = [DerivedCell(self.genotype, spec.channels, spec.reduction,
+                                  spec.reduction_prev,
+                                  name=f"cell_{spec.index}")
+                      for spec in plan]
         self.aux_index = 2 * self.num_layers // 3
         self.auxiliary_head = (AuxiliaryHead(num_classes, name="auxiliary_head")
                                if self.auxiliary else None)
@@ -399,39 +394,3 @@ class DerivedNetwork(keras.Model):
             "std": list(self.normalize.std),
             "drop_path": self.initial_drop_path,
         }
-
-
-def count_params(model, exclude_aux=True):
-    """Trainable parameters of a built `DerivedNetwork`.
-
-    Args:
-        model: a built `DerivedNetwork`.
-        exclude_aux: leave out the auxiliary head, as DARTS' reported
-            counts do (it is dropped after training).
-
-    Returns:
-        An int.
-    """
-    skip = set()
-    if exclude_aux and model.auxiliary_head is not None:
-        skip = {id(v) for v in model.auxiliary_head.trainable_variables}
-    return int(sum(np.prod(v.shape) for v in model.trainable_variables
-                   if id(v) not in skip))
-
-
-def count_flops(model, image_size):
-    """Multiply-adds of one inference forward pass of one image.
-
-    Args:
-        model: a `DerivedNetwork`.
-        image_size: input height and width.
-
-    Returns:
-        An int (the auxiliary head never runs at inference).
-    """
-    from e2rnas_tf import costs  # deferred: only this function needs it
-
-    def forward(images):
-        return model(images, training=False)
-
-    return int(costs.count_macs(forward, (image_size, image_size, 3)))

@@ -12,27 +12,33 @@ wall time). A stage whose ``stage.json`` holds the same config is not run
 again, so a long command that was stopped continues where it was; a stage
 that was interrupted resumes from its own checkpoints (search and train).
 A stage directory holding a different config is refused unless
-``overwrite``, as the single commands do.
+``overwrite``, by the identity rule every run follows (`runs.workdir`).
 """
 
 from __future__ import annotations
 
 import gc
-import json
 import os
 import platform
 import time
+
+import keras
+
+from e2rnas_tf.runs import files
+from e2rnas_tf.runs import workdir as workdir_lib
 
 
 class PipelineError(ValueError):
     """A stage directory holds a different run, or a stage failed."""
 
 
-def _jsonable(value):
+def jsonable(value):
+    """``value`` with tuples as lists, ConfigDicts and genotypes as dicts
+    and NumPy scalars as numbers: ready for `runs.files.write_json`."""
     if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
+        return {str(k): jsonable(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
+        return [jsonable(v) for v in value]
     if hasattr(value, "to_dict"):
         return value.to_dict()
     if hasattr(value, "item") and callable(value.item):
@@ -40,32 +46,6 @@ def _jsonable(value):
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-def write_text(path, text):
-    """Writes ``text`` atomically (temp file, then rename): a reader never
-    sees half a file, and an interrupted write leaves the old one."""
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def write_json(path, value):
-    """Writes ``value`` as JSON atomically (see `write_text`)."""
-    write_text(path, json.dumps(_jsonable(value), indent=2,
-                                sort_keys=False) + "\n")
-
-
-def read_json(path):
-    """The JSON value in ``path``; None if missing, an error if unreadable."""
-    if not os.path.exists(path):
-        return None
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except (OSError, ValueError) as e:
-        raise PipelineError(f"{path} is not readable JSON: {e}") from None
 
 
 def check_robust(config, error=PipelineError):
@@ -110,34 +90,34 @@ def run_stage(stage_dir, config, fn, *, overwrite=False, log=print):
         The result, from ``stage.json`` if the stage had finished before.
     """
     marker = os.path.join(stage_dir, "stage.json")
-    config_dict = _jsonable(config.to_dict())
-    done = read_json(marker)
-    if done is not None:
-        if done.get("config") == config_dict:
-            log(f"{stage_dir}: done before ({done.get('seconds', 0):.0f} s),"
-                " reusing its result")
-            return done["result"]
-        if not overwrite:
-            raise PipelineError(
-                f"{stage_dir} holds a finished stage with a different "
-                "config; use another --workdir or pass --overwrite")
-        os.remove(marker)
+    config_dict = jsonable(config.to_dict())
+    claim = workdir_lib.claim(
+        stage_dir, config_dict, record="stage.json",
+        read=lambda path: files.read_json(path)["config"],
+        overwrite=overwrite, what="finished stage")
+    if claim.resume:
+        done = files.read_json(marker)
+        log(f"{stage_dir}: done before ({done.get('seconds', 0):.0f} s),"
+            " reusing its result")
+        return done["result"]
+    workdir_lib.clear(stage_dir, claim.stale)
     start = time.perf_counter()
     result = fn()
     seconds = time.perf_counter() - start
-    write_json(marker, {"config": config_dict, "result": result,
-                        "seconds": round(seconds, 1)})
+    files.write_json(marker, jsonable({"config": config_dict,
+                                       "result": result,
+                                       "seconds": round(seconds, 1)}),
+                     sort_keys=False)
     # Each stage builds its own models and compiled steps; drop them before
     # the next one so that a long command's memory does not grow.
-    import keras
     keras.backend.clear_session()
     gc.collect()
-    return read_json(marker)["result"]
+    return files.read_json(marker)["result"]
 
 
 def stage_seconds(stage_dir):
     """Wall seconds the stage took (0 if it has not finished)."""
-    done = read_json(os.path.join(stage_dir, "stage.json"))
+    done = files.read_json(os.path.join(stage_dir, "stage.json"))
     return float(done.get("seconds", 0.0)) if done else 0.0
 
 
@@ -148,9 +128,9 @@ def search_stage(config, stage_dir, *, overwrite=False, log=print):
     def fn():
         result = search_lib.search(config, stage_dir, overwrite=overwrite,
                                    log=log)
-        if result.get("preempted"):
+        if result.get("stopped"):
             raise PipelineError(
-                f"search in {stage_dir} stopped by {result['preempted']}; "
+                f"search in {stage_dir} stopped by {result['stopped']}; "
                 "run the same command again to resume")
         last = result["epochs"][-1] if result.get("epochs") else {}
         return {"genotype": result["genotype"].to_dict(),
@@ -158,7 +138,7 @@ def search_stage(config, stage_dir, *, overwrite=False, log=print):
                 "genotype_params_m": float(result["genotype_params"]),
                 "steps": int(result["steps"]),
                 "compile_seconds": result.get("compile_seconds"),
-                "last_epoch": _jsonable(last)}
+                "last_epoch": jsonable(last)}
 
     return run_stage(stage_dir, config, fn, overwrite=overwrite, log=log)
 
@@ -169,13 +149,13 @@ def train_stage(config, stage_dir, *, overwrite=False, log=print):
 
     def fn():
         summary = train_lib.train(config, stage_dir, overwrite=overwrite)
-        if summary.get("preempted"):
+        if summary.get("stopped"):
             raise PipelineError(
-                f"training in {stage_dir} stopped by {summary['preempted']};"
+                f"training in {stage_dir} stopped by {summary['stopped']};"
                 " run the same command again to resume")
         keep = ("params", "macs", "best_accuracy", "last_accuracy", "epochs",
                 "steps", "image_size", "num_classes")
-        result = {k: _jsonable(summary[k]) for k in keep if k in summary}
+        result = {k: jsonable(summary[k]) for k in keep if k in summary}
         # The last epoch's model is evaluated: choosing the best epoch by
         # test accuracy would select on the test set.
         result["model_path"] = os.path.join(stage_dir, "model_last.keras")
@@ -194,7 +174,7 @@ def evaluate_stage(config, model_path, stage_dir, *, overwrite=False,
                                        overwrite=overwrite, log=log)
         keep = ("num_examples", "clean_accuracy", "robust_accuracy",
                 "params", "flops", "sanity", "seconds")
-        return {k: _jsonable(report[k]) for k in keep if k in report}
+        return {k: jsonable(report[k]) for k in keep if k in report}
 
     return run_stage(stage_dir, config, fn, overwrite=overwrite, log=log)
 

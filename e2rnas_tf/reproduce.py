@@ -37,11 +37,12 @@ import functools
 import math
 import os
 import shlex
-import sys
 import time
 
 from e2rnas_tf import config_lib
 from e2rnas_tf import pipeline
+from e2rnas_tf.runs import files
+from e2rnas_tf.runs import workdir as workdir_lib
 
 METHODS = {
     "darts": "DARTS (accuracy only)",
@@ -305,10 +306,11 @@ def write_results(results_dir, records, config, meta):
             robust_label=(f"{config.robust.attack.upper()} "
                           f"{float(config.robust.eps):g}/255 accuracy"),
             labels=METHODS)
-    pipeline.write_json(os.path.join(results_dir, "results.json"),
-                        {"meta": meta, "summary": summary, "runs": records})
-    pipeline.write_text(os.path.join(results_dir, "results.md"),
-                        format_results(records, summary, meta))
+    files.write_json(os.path.join(results_dir, "results.json"),
+                     pipeline.jsonable({"meta": meta, "summary": summary,
+                                        "runs": records}), sort_keys=False)
+    files.write_text(os.path.join(results_dir, "results.md"),
+                     format_results(records, summary, meta))
     return summary
 
 
@@ -325,10 +327,8 @@ def reproduce(config, workdir, *, overwrite=False, command="", log=print):
     Returns:
         ``{"records": [...], "summary": {...}, "results_dir": path}``.
     """
-    from e2rnas_tf import checkpointing
-
     _check(config)
-    with checkpointing.WorkdirLock(workdir):
+    with workdir_lib.WorkdirLock(workdir):
         return _reproduce(config, workdir, overwrite=overwrite,
                           command=command, log=log)
 
@@ -380,8 +380,7 @@ def main(config, args):
     --workdir=DIR``."""
     if not args.workdir:
         raise ReproduceError("Expected --workdir=DIR for the runs and results")
-    # absl removed the flags from argv; the full command line is recorded.
-    command = shlex.join(["e2rnas", *sys.argv[1:]])
+    command = shlex.join(args.command_line or ("e2rnas", "reproduce"))
     result = reproduce(config, args.workdir, overwrite=args.overwrite,
                        command=command,
                        log=lambda *a: print(*a, flush=True))

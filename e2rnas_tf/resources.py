@@ -42,7 +42,7 @@ import tensorflow as tf
 
 from e2rnas_tf import costs
 from e2rnas_tf import ops as ops_lib
-from e2rnas_tf import search_space
+from e2rnas_tf import topology
 
 __all__ = [
     "CONSTRAINTS", "COST_MODELS", "ESTIMATES", "KINDS", "ResourceTable",
@@ -183,36 +183,6 @@ class ResourceTable:
         return UNIT_NAMES.get(self.unit, f"x{self.unit:g}")
 
 
-def _cell_plan(channels, layers, image_size, steps, multiplier,
-               stem_multiplier):
-    """The derived network's cells: channels, resolution and inputs.
-
-    Follows DARTS' ``NetworkCIFAR``: a ``stem_multiplier * C`` stem, and
-    reductions at ``layers // 3`` and ``2 * layers // 3`` that double the
-    channels and halve the resolution (``ceil``).
-    """
-    c_curr = stem_multiplier * channels
-    size = image_size
-    c_prev_prev, c_prev, c_curr = c_curr, c_curr, channels
-    size_prev_prev, size_prev = size, size
-    reduction_prev = False
-    plan = []
-    reductions = search_space.reduction_layers(layers)
-    for i in range(layers):
-        reduction = i in reductions
-        if reduction:
-            c_curr *= 2
-        plan.append(dict(channels=c_curr, reduction=reduction,
-                         reduction_prev=reduction_prev, c_prev_prev=c_prev_prev,
-                         c_prev=c_prev, size_prev_prev=size_prev_prev,
-                         size=size_prev))
-        out_size = (size_prev + 1) // 2 if reduction else size_prev
-        reduction_prev = reduction
-        c_prev_prev, c_prev = c_prev, multiplier * c_curr
-        size_prev_prev, size_prev = size_prev, out_size
-    return plan, c_prev
-
-
 def _validate_scale(channels, layers, num_classes, image_size, steps,
                     multiplier, stem_multiplier):
     for name, value in (("channels", channels), ("layers", layers),
@@ -293,9 +263,10 @@ def measured_table(kind, *, channels, layers, num_classes, image_size,
             lambda: ops_lib.make_op(name, c, stride, affine=True),
             (size, size, c))
 
-    plan, c_last = _cell_plan(channels, layers, image_size, steps, multiplier,
-                              stem_multiplier)
-    edges = search_space.edge_inputs(steps)
+    plan, c_last = topology.cell_plan(
+        channels, layers, multiplier=multiplier,
+        stem_multiplier=stem_multiplier, image_size=image_size)
+    edges = topology.edge_inputs(steps)
     tables = {False: np.zeros((len(edges), len(primitives)), np.float64),
               True: np.zeros((len(edges), len(primitives)), np.float64)}
     stem_c = stem_multiplier * channels
@@ -305,28 +276,28 @@ def measured_table(kind, *, channels, layers, num_classes, image_size,
             ops_lib.BatchNorm(affine=True)]),
         (image_size, image_size, 3))
     for cell in plan:
-        c, size = cell["channels"], cell["size"]
-        if cell["reduction_prev"]:
+        c, size = cell.channels, cell.size
+        if cell.reduction_prev:
             const += measure(
-                ("fr", cell["c_prev_prev"], c, cell["size_prev_prev"]),
+                ("fr", cell.c_prev_prev, c, cell.size_prev_prev),
                 lambda: ops_lib.FactorizedReduce(c, affine=True),
-                (cell["size_prev_prev"],) * 2 + (cell["c_prev_prev"],))
+                (cell.size_prev_prev,) * 2 + (cell.c_prev_prev,))
         else:
             const += measure(
-                ("rcb", cell["c_prev_prev"], c, cell["size_prev_prev"]),
+                ("rcb", cell.c_prev_prev, c, cell.size_prev_prev),
                 lambda: ops_lib.ReLUConvBN(c, 1, 1, affine=True),
-                (cell["size_prev_prev"],) * 2 + (cell["c_prev_prev"],))
+                (cell.size_prev_prev,) * 2 + (cell.c_prev_prev,))
         const += measure(
-            ("rcb", cell["c_prev"], c, size),
+            ("rcb", cell.c_prev, c, size),
             lambda: ops_lib.ReLUConvBN(c, 1, 1, affine=True),
-            (size, size, cell["c_prev"]))
+            (size, size, cell.c_prev))
         reduced = (size + 1) // 2
-        table = tables[cell["reduction"]]
+        table = tables[cell.reduction]
         for e, (_, j) in enumerate(edges):
             # In a reduction cell only the edges from the two inputs have
             # stride 2; edges between nodes run at the reduced resolution.
-            stride = 2 if cell["reduction"] and j < 2 else 1
-            edge_size = reduced if cell["reduction"] and j >= 2 else size
+            stride = 2 if cell.reduction and j < 2 else 1
+            edge_size = reduced if cell.reduction and j >= 2 else size
             for k, name in enumerate(primitives):
                 table[e, k] += op_cost(name, c, stride, edge_size)
     const += measure(("classifier", c_last, num_classes),
@@ -389,7 +360,7 @@ def genotype_weights(genotype, primitives=ops_lib.PRIMITIVES):
     """
     primitives = tuple(primitives)
     steps = genotype.steps
-    rows = {edge: e for e, edge in enumerate(search_space.edge_inputs(steps))}
+    rows = {edge: e for e, edge in enumerate(topology.edge_inputs(steps))}
     weights = []
     for gene in (genotype.normal, genotype.reduce):
         w = np.zeros((len(rows), len(primitives)), np.float32)
@@ -407,19 +378,6 @@ def genotype_weights(genotype, primitives=ops_lib.PRIMITIVES):
 # The authors' closed forms.
 
 
-def _cell_channels(channels, layers):
-    """``(C, is_reduction)`` of each cell, DARTS' rule (the supernet's and
-    the derived network's alike): ``C`` doubles at ``layers // 3`` and
-    ``2 * layers // 3``."""
-    reductions = search_space.reduction_layers(layers)
-    c, out = channels, []
-    for i in range(layers):
-        if i in reductions:
-            c *= 2
-        out.append((c, i in reductions))
-    return out
-
-
 def _check_authors_space(steps, primitives):
     # Their formulas index the 8 DARTS primitives by position and assume
     # 4 nodes (14 edges).
@@ -434,7 +392,7 @@ def _stride2_edges(steps):
     """1.0 on the edges from the cell inputs (stride 2 in a reduction cell):
     the authors' ``[1,1,1,1,0,1,1,0,0,1,1,0,0,0]``."""
     return np.array([1.0 if j < 2 else 0.0
-                     for _, j in search_space.edge_inputs(steps)])
+                     for _, j in topology.edge_inputs(steps)])
 
 
 def authors_table(kind, *, channels, layers, steps=4,
@@ -484,7 +442,8 @@ def authors_table(kind, *, channels, layers, steps=4,
     stride2 = _stride2_edges(steps)
     edges = len(stride2)
     tables = {False: np.zeros((edges, 8)), True: np.zeros((edges, 8))}
-    for c, reduction in _cell_channels(channels, layers):
+    for cell in topology.cell_plan(channels, layers)[0]:
+        c, reduction = cell.channels, cell.reduction
         if kind == "params":
             per_op = [0, 0, 0, 0, 2 * (c * c + 11 * c), 2 * (c * c + 27 * c),
                       c * c + 11 * c, c * c + 27 * c]
@@ -537,12 +496,13 @@ def authors_v1_table(kind, *, channels, layers, steps=4,
     _check_authors_space(steps, primitives)
     ops_lib._check_positive_int("channels", channels)
     ops_lib._check_positive_int("layers", layers)
-    edges = search_space.edge_inputs(steps)
+    edges = topology.edge_inputs(steps)
     indegree = np.array([i + 2 for i, _ in edges], np.float64)
     columns = len(edges)
     stride2_columns = _stride2_edges(steps).sum()
     tables = {False: np.zeros((columns, 8)), True: np.zeros((columns, 8))}
-    for c, reduction in _cell_channels(channels, layers):
+    for cell in topology.cell_plan(channels, layers)[0]:
+        c, reduction = cell.channels, cell.reduction
         per_op = np.array([0, 0, 0, 0, 2 * (c * c + 9 * c),
                            2 * (c * c + 25 * c), c * c + 9 * c,
                            c * c + 25 * c], np.float64) * columns

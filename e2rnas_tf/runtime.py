@@ -1,16 +1,18 @@
-"""Process-wide TensorFlow set-up from a config: precision, graph
-optimisation, determinism, seeds and the distribution strategy.
-
-Called once by each command before any model or dataset is built.
+"""TensorFlow set-up from a config: precision, graph optimisation,
+determinism, seeds (`configured`, restored afterwards), the distribution
+strategy, XLA scopes and a multi-worker process's role.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import random
 import tempfile
 
 import keras
+import numpy as np
 import tensorflow as tf
 # TF has no public switch back from op determinism.
 from tensorflow.python.framework import config as _tf_config
@@ -58,13 +60,28 @@ def split_cpu(count):
             "config.strategy.cpu_devices in a fresh process") from error
 
 
-def configure(config):
-    """Applies the runtime fields of ``config`` to this process.
+@contextlib.contextmanager
+def configured(config):
+    """Applies the runtime fields of ``config`` for the duration of a run.
+
+    Sets the Keras precision policy, Grappler's meta-optimiser switch, op
+    determinism and every random seed (Python, NumPy, TensorFlow, Keras)
+    from ``config``, and restores all of them on exit, so a run leaves the
+    process as it found it (a notebook, a test, the next stage of a
+    pipeline). Splitting the CPU into logical devices
+    (``strategy.cpu_devices``) cannot be undone: TensorFlow fixes its
+    devices once per process.
 
     Args:
         config: a config from `e2rnas_tf.config_lib` (fields
             ``mixed_precision``, ``graph_optimization``, ``deterministic``,
-            ``seed``, ``strategy.cpu_devices``).
+            ``jit_compile``, ``seed``, ``strategy.cpu_devices``).
+
+    Example:
+
+    >>> with configured(config):
+    ...     strategy = make_strategy(config)
+    ...     ...  # the run
     """
     # First: every call below may initialise TensorFlow's devices.
     cpu_devices = int(config.strategy.get("cpu_devices", 0))
@@ -74,24 +91,81 @@ def configure(config):
         raise ValueError(
             f"Expected config.mixed_precision in {list(PRECISIONS)}. "
             f"Received: {config.mixed_precision!r}")
-    keras.mixed_precision.set_global_policy(config.mixed_precision)
-    # Grappler's meta optimiser takes seconds per large function on 2 cores
-    # and bought no step time on the CPU in our measurements (BENCHMARKS.md).
-    tf.config.optimizer.set_experimental_options(
-        {"disable_meta_optimizer": not config.graph_optimization})
-    keras.utils.set_random_seed(int(config.seed))
     if config.deterministic and config.jit_compile:
         raise ValueError(
             "Expected at most one of config.deterministic and "
             "config.jit_compile: XLA has no deterministic max-pool gradient. "
             "Received: both True")
-    # Op determinism is process-wide: set it to exactly what this config
-    # asks, so a run in the same process as an earlier deterministic one
-    # (tests, notebooks) is not silently deterministic (and XLA-less).
-    if config.deterministic:
+    saved = _process_state()
+    try:
+        keras.mixed_precision.set_global_policy(config.mixed_precision)
+        # Grappler's meta optimiser takes seconds per large function on 2
+        # cores and bought no step time on the CPU in our measurements
+        # (BENCHMARKS.md).
+        tf.config.optimizer.set_experimental_options(
+            {"disable_meta_optimizer": not config.graph_optimization})
+        keras.utils.set_random_seed(int(config.seed))
+        _set_op_determinism(bool(config.deterministic))
+        yield
+    finally:
+        _restore_process_state(saved)
+
+
+@contextlib.contextmanager
+def precision_policy(name):
+    """The Keras global precision policy ``name`` inside the block, the
+    previous one restored after it."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(name)
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+def _set_op_determinism(enabled):
+    if enabled:
         tf.config.experimental.enable_op_determinism()
     elif _tf_config.is_op_determinism_enabled():
         _tf_config.disable_op_determinism()
+
+
+def _process_state():
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+    from tensorflow.python.eager import context
+
+    return {
+        "policy": keras.mixed_precision.global_policy(),
+        "optimizer": tf.config.optimizer.get_experimental_options(),
+        "determinism": _tf_config.is_op_determinism_enabled(),
+        "python_random": random.getstate(),
+        "numpy_random": np.random.get_state(),
+        "tf_seed": context.global_seed(),
+        "keras_seed": global_state.get_global_attribute(
+            rng_utils.GLOBAL_RANDOM_SEED),
+        "keras_generator": global_state.get_global_attribute(
+            seed_generator.GLOBAL_SEED_GENERATOR),
+    }
+
+
+def _restore_process_state(saved):
+    from keras.src.backend.common import global_state
+    from keras.src.random import seed_generator
+    from keras.src.utils import rng_utils
+    from tensorflow.python.eager import context
+
+    keras.mixed_precision.set_global_policy(saved["policy"])
+    tf.config.optimizer.set_experimental_options(saved["optimizer"])
+    _set_op_determinism(saved["determinism"])
+    random.setstate(saved["python_random"])
+    np.random.set_state(saved["numpy_random"])
+    context.set_global_seed(saved["tf_seed"])
+    global_state.set_global_attribute(rng_utils.GLOBAL_RANDOM_SEED,
+                                      saved["keras_seed"])
+    global_state.set_global_attribute(seed_generator.GLOBAL_SEED_GENERATOR,
+                                      saved["keras_generator"])
 
 
 def mirrored_devices(config):

@@ -11,7 +11,7 @@ writes into its work directory:
 - ``genotypes/epoch_NNN.json`` and the final ``genotype.json``;
 - ``alpha_history.npz``: ``alpha_normal`` / ``alpha_reduce``
   ``[epochs, edges, ops]`` snapshots at the end of each epoch;
-- ``checkpoints/``: verified `checkpointing.RunCheckpoint`s of every
+- ``checkpoints/``: verified `runs.checkpoints.RunCheckpoint`s of every
   network variable (weights and alphas, by Keras path), both optimizers
   and the step/epoch counters;
 - ``tb/``: TensorBoard: every step's scalars (objectives, MGDA weights,
@@ -34,15 +34,12 @@ Reference:
 
 from __future__ import annotations
 
-import contextlib
-import json
 import os
 import time
 
 import numpy as np
 import tensorflow as tf
 
-from e2rnas_tf import checkpointing
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import genotypes
 from e2rnas_tf import ood as ood_lib
@@ -51,81 +48,31 @@ from e2rnas_tf import resources
 from e2rnas_tf import runtime
 from e2rnas_tf import search_step as step_lib
 from e2rnas_tf import tensorboard as tb_lib
+from e2rnas_tf.runs import checkpoints as ckpt_lib
+from e2rnas_tf.runs import context as run_lib
+from e2rnas_tf.runs import files
+from e2rnas_tf.runs import workdir as workdir_lib
 from e2rnas_tf.search_space import SearchNetwork
-from e2rnas_tf.search_space import count_params
+from e2rnas_tf.costs import count_params
 
 EVAL_SPLITS = ("test", "valid")
 
 
-class WorkdirError(ValueError):
-    """The work directory holds a different run (or cannot be used)."""
+# What a search writes into its work directory (`runs.workdir.claim`).
+OUTPUTS = ("config.json", "genotype.json", "genotypes", "metrics.jsonl",
+           "alpha_history.npz", "checkpoints", "tb", "plots")
 
 
 def _config_json(config):
     return config.to_json_best_effort(sort_keys=True, indent=2) + "\n"
 
 
-def check_workdir(workdir, config, overwrite=False):
-    """Decides what ``workdir`` is for this run, writing nothing.
-
-    Called before the slow set-up (data, network, tracing), so a workdir
-    holding another run is refused at once; `init_workdir` writes to it
-    only once the data loaded, so a config the data reject leaves the
-    directory as it was and the corrected command needs no ``--overwrite``.
-
-    Args:
-        workdir: the run directory (need not exist).
-        config: the resolved config.
-        overwrite: accept a directory whose ``config.json`` differs (its
-            files are overwritten as the new run writes them; nothing is
-            deleted).
-
-    Returns:
-        True if the directory holds this very config (the run resumes).
-
-    Raises:
-        WorkdirError: no workdir, a file, or another run without
-            ``overwrite``.
-    """
-    if not workdir:
-        raise WorkdirError("Expected --workdir=DIR. Received: no workdir")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise WorkdirError(f"--workdir={workdir} exists and is not a directory")
-    path = os.path.join(workdir, "config.json")
-    if not os.path.exists(path):
-        return False
-    with open(path) as f:
-        same = f.read() == _config_json(config)
-    if not same and not overwrite:
-        raise WorkdirError(
-            f"{workdir} holds a run with a different config.json; "
-            "pass --overwrite to reuse it or choose another --workdir")
-    return same
-
-
-def init_workdir(workdir, config):
-    """Creates ``workdir`` and writes the run's ``config.json`` into it.
-
-    The file is replaced atomically, so a kill never leaves a half-written
-    config.json (which would make the next run need ``--overwrite``).
-    """
-    os.makedirs(os.path.join(workdir, "genotypes"), exist_ok=True)
-    path = os.path.join(workdir, "config.json")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(_config_json(config))
-    os.replace(tmp, path)
-
-
-def prepare_workdir(workdir, config, overwrite=False):
-    """`check_workdir` then `init_workdir`; returns whether it resumes."""
-    same = check_workdir(workdir, config, overwrite)
-    init_workdir(workdir, config)
-    return same
+def _read_identity(path):
+    return workdir_lib.run_identity(files.read_json(path))
 
 
 def _fingerprint(config, info):
-    """What decides the checkpointed variables (see `checkpointing`)."""
+    """What decides the checkpointed variables (see `runs.checkpoints`)."""
     return {"model": config.model.to_dict(),
             "objectives": list(config.objectives),
             "dataset": info.name, "num_classes": info.num_classes,
@@ -225,19 +172,34 @@ def _skip_error(metrics, objectives, limit):
         "the learning rates or check the data")
 
 
+def covered(steps, epochs):
+    """The metric lines a checkpoint after ``steps`` steps and ``epochs``
+    finished epochs covers: a resumed run writes the others again."""
+    def keep(record):
+        if record.get("kind") == "step":
+            return record.get("step", 0) <= steps
+        return record.get("epoch", 0) <= epochs
+    return keep
+
+
 def search(config, workdir, *, overwrite=False, log=print):
     """Runs an E2RNAS search and writes its results into ``workdir``.
 
     Args:
         config: a locked `config_lib.search_config()`-style config.
-        workdir: the run directory (created if needed).
-        overwrite: reuse a directory that holds a different run.
+        workdir: the run directory (created if needed). One that holds
+            this run (the same config, up to `runs.workdir`'s
+            non-identity fields) resumes from its last checkpoint; one that
+            holds another run is refused unless ``overwrite``.
+        overwrite: replace the outputs of another run in ``workdir``.
         log: where progress lines go (a print-like callable).
 
     Returns:
         A dict: ``genotype`` (`genotypes.Genotype`), ``genotype_params``
         (millions, at ``config.resource`` scale), ``epochs`` (per-epoch
-        summaries), ``steps``, ``compile_seconds``, ``workdir``.
+        summaries), ``steps``, ``compile_seconds``, ``workdir``; or, when
+        a signal stopped it, ``stopped`` (the signal's name), ``steps``,
+        ``checkpoint`` and ``workdir``.
 
     Example:
 
@@ -248,38 +210,29 @@ def search(config, workdir, *, overwrite=False, log=print):
     Reference:
         https://arxiv.org/abs/2011.09820
     """
-    # The run holds its workdir's lock (checkpointing.WorkdirLock) from
-    # its first write until it returns or raises.
-    with contextlib.ExitStack() as stack:
-        return _search(config, workdir, overwrite=overwrite, log=log,
-                       stack=stack)
-
-
-def _search(config, workdir, *, overwrite=False, log=print, stack):
-    objectives = step_lib.check_objectives(config.objectives)
+    step_lib.check_objectives(config.objectives)
     if config.eval_on not in EVAL_SPLITS:
         raise ValueError(f"Expected config.eval_on in {list(EVAL_SPLITS)}. "
                          f"Received: {config.eval_on!r}")
-    # Only the chief of a multi-worker run writes the workdir; the other
-    # workers follow its decisions (resume or not) and write scratch dirs.
+    # Only the chief of a multi-worker run writes the workdir; the others
+    # follow its decisions (resume or not) and write scratch directories.
     chief_dir = workdir
     workdir = runtime.output_dir(config, chief_dir)
-    # Refuse a foreign workdir before the slow set-up, but write to it only
-    # once the data loaded and the network was built (`init_workdir`
-    # below), so that a config the data reject can be fixed and rerun in
-    # the same workdir without --overwrite. (Pure Python: nothing here may
-    # run a TensorFlow op before the multi-worker strategy exists.)
-    if workdir == chief_dir:
-        resume = check_workdir(workdir, config, overwrite)
-    else:
-        path = os.path.join(chief_dir, "config.json")
-        resume = False
-        if os.path.exists(path):
-            with open(path) as f:
-                resume = f.read() == _config_json(config)
-    runtime.configure(config)
-    strategy = runtime.make_strategy(config)
+    # Refuse another run's workdir before the slow set-up; write to it only
+    # once the data loaded and the network was built, so that a config
+    # the data reject can be fixed and rerun in the same workdir. (Pure
+    # Python: no TensorFlow op may run before the multi-worker strategy.)
+    claim = workdir_lib.claim(
+        chief_dir, workdir_lib.run_identity(config.to_dict()),
+        record="config.json", read=_read_identity, outputs=OUTPUTS,
+        overwrite=overwrite)
+    with runtime.configured(config):
+        return _search(config, workdir, chief_dir, claim, log)
 
+
+def _search(config, workdir, chief_dir, claim, log):
+    objectives = step_lib.check_objectives(config.objectives)
+    strategy = runtime.make_strategy(config)
     train, test, info = data_lib.load(config.data)
     w_split, a_split = data_lib.search_split(
         train, config.data.train_portion, config.seed)
@@ -306,80 +259,70 @@ def _search(config, workdir, *, overwrite=False, log=print, stack):
             net, config, num_classes=info.num_classes,
             image_size=info.image_size, steps_per_epoch=steps_per_epoch,
             strategy=strategy)
+        # Epochs whose end-of-epoch work (snapshot, genotype, evaluation,
+        # metrics) is done: a run killed between an epoch's last step and
+        # that work resumes into it.
         epoch_var = tf.Variable(0, dtype=tf.int64, trainable=False,
                                 name="epoch")
     # The derived genotype's size, millions at the evaluation scale.
     params_table = step.report_table
     ood_data = (ood_lib.load(config.ood, info.image_size, config.seed)
                 if step.needs_ood else None)
+
     # Every supernet variable by its Keras path (tf.train.Checkpoint of
     # the network itself would skip the cells, held in a list), and the
     # step's own state (counters, both optimizers) by position and name.
     def run_checkpoint(directory):
-        return checkpointing.RunCheckpoint(
+        return ckpt_lib.RunCheckpoint(
             os.path.join(directory, "checkpoints"),
-            {"network": checkpointing.variables_by_path(net),
-             "search_step": {f"{i:04d}_{v.name}": v
-                             for i, v in enumerate(step.variables)},
+            {"network": ckpt_lib.variables_by_path(net),
+             "search_step": ckpt_lib.numbered_variables(step),
              "epoch": epoch_var},
             fingerprint=_fingerprint(config, info), max_to_keep=3, log=log)
 
-    # The set-up succeeded: from here on the run owns the workdir (a
-    # non-chief worker: its scratch directory), and no other process may
-    # write it at the same time.
-    stack.enter_context(checkpointing.WorkdirLock(workdir))
-    init_workdir(workdir, config)
-    checkpoint = run_checkpoint(workdir)
-    history_path = os.path.join(workdir, "alpha_history.npz")
-    history = {"alpha_normal": [], "alpha_reduce": []}
-    start_epoch, skip = 0, 0
-    # A non-chief worker resumes from the chief's checkpoints.
-    source = checkpoint if workdir == chief_dir else run_checkpoint(chief_dir)
-    resume = resume and source.restore() is not None
-    if resume:
+    chief = workdir == chief_dir
+    with run_lib.Run(workdir, config, scratch=not chief) as run:
+        # The set-up succeeded: from here on the run owns the workdir.
+        if chief:
+            workdir_lib.clear(workdir, claim.stale)
+            os.makedirs(os.path.join(workdir, "genotypes"), exist_ok=True)
+            files.write_text(os.path.join(workdir, "config.json"),
+                             _config_json(config))
+        checkpoint = run_checkpoint(workdir)
+        # A non-chief worker resumes from the chief's checkpoints.
+        source = checkpoint if chief else run_checkpoint(chief_dir)
+        resume = claim.resume and source.restore() is not None
         done = int(step.iterations.numpy())
-        start_epoch, skip = divmod(done, steps_per_epoch)
-        if os.path.exists(history_path):
-            with np.load(history_path) as f:
-                history = {k: list(f[k][:start_epoch]) for k in history}
-        if start_epoch >= int(config.epochs):
-            log(f"{workdir} holds a finished run of this config; "
-                "re-deriving its genotype")
-        else:
-            log(f"resuming {workdir} at epoch {start_epoch + 1}, "
-                f"step {done}")
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if resume:
+        start_epoch = int(epoch_var.numpy())
+        history_path = os.path.join(workdir, "alpha_history.npz")
+        history = {"alpha_normal": [], "alpha_reduce": []}
+        if resume:
+            if os.path.exists(history_path):
+                with np.load(history_path) as f:
+                    history = {k: list(f[k][:start_epoch]) for k in history}
+            if start_epoch >= int(config.epochs):
+                log(f"{workdir} holds a finished run of this config; "
+                    "re-deriving its genotype")
+            else:
+                log(f"resuming {workdir} at epoch {start_epoch + 1}, "
+                    f"step {done}")
         # Lines written after the restored checkpoint (a run killed between
         # checkpoints) are dropped: the resumed run writes them again.
-        _truncate_metrics(metrics_path, int(step.iterations.numpy()),
-                          start_epoch)
-    metrics_file = open(metrics_path, "a" if resume else "w")
-    tb_dir = os.path.join(workdir, "tb")
-    writer = tf.summary.create_file_writer(tb_dir)
-    tb_lib.write_hparams(writer, config)
-    profile_steps = tb_lib.parse_profile_steps(config.profile_steps)
-    profiler = tb_lib.profile(tb_dir, *profile_steps) if profile_steps \
-        else None
-
-    log(f"search: {info.name} {info.image_size}x{info.image_size}, "
-        f"{len(w_split)} weight / {len(a_split)} arch examples, "
-        f"{config.model.layers} cells C={config.model.channels}, "
-        f"batch {batch}, {steps_per_epoch} steps/epoch, "
-        f"{config.epochs} epochs, objectives {list(objectives)} "
-        f"({config.combine.method}, {config.arch.order} order), "
-        f"{count_params(net.weight_variables):,} weights")
-    limit = int(config.max_consecutive_skips)
-    evaluate = make_eval_step(net, int(config.eval_batch_size))
-    compile_seconds = None
-    epochs_summary = []
-    aug = dict(crop_padding=config.data.crop_padding, flip=config.data.flip,
-               cutout=config.data.cutout)
-    # SIGTERM (preemption) ends the run after the current step, saved.
-    guard = checkpointing.PreemptionGuard().__enter__()
-    preempted = None
-    try:
+        run.open(keep=covered(done, start_epoch) if resume else None)
+        log(f"search: {info.name} {info.image_size}x{info.image_size}, "
+            f"{len(w_split)} weight / {len(a_split)} arch examples, "
+            f"{config.model.layers} cells C={config.model.channels}, "
+            f"batch {batch}, {steps_per_epoch} steps/epoch, "
+            f"{config.epochs} epochs, objectives {list(objectives)} "
+            f"({config.combine.method}, {config.arch.order} order), "
+            f"{count_params(net.weight_variables):,} weights")
+        loop = _Loop(run, step, net, config, checkpoint, log)
+        evaluate = make_eval_step(net, int(config.eval_batch_size))
+        epochs_summary = []
+        aug = dict(crop_padding=config.data.crop_padding,
+                   flip=config.data.flip, cutout=config.data.cutout)
         for epoch in range(start_epoch, int(config.epochs)):
+            skip = done - epoch * steps_per_epoch
             w_ds = data_lib.batches(w_split, batch, seed=config.seed,
                                     epoch=epoch, training=True,
                                     skip_batches=skip, **aug)
@@ -392,139 +335,127 @@ def _search(config, workdir, *, overwrite=False, log=print, stack):
                                     skip_batches=skip)
                     if ood_data is not None else None)
             if strategy.num_replicas_in_sync > 1:
-                w_ds = strategy.experimental_distribute_dataset(w_ds)
-                a_ds = strategy.experimental_distribute_dataset(a_ds)
+                w_ds, a_ds = (strategy.experimental_distribute_dataset(d)
+                              for d in (w_ds, a_ds))
                 if o_ds is not None:
                     o_ds = strategy.experimental_distribute_dataset(o_ds)
-            done_in_epoch = skip
-            tic, since_log = time.perf_counter(), 0
-            o_iter = iter(o_ds) if o_ds is not None else None
-            for train_batch, valid_batch in zip(w_ds, a_ds):
-                if done_in_epoch >= steps_per_epoch:
-                    break
-                if profiler:
-                    profiler(int(step.iterations.numpy()))
-                t0 = time.perf_counter()
-                out = step(train_batch, valid_batch,
-                           next(o_iter) if o_iter is not None else None)
-                metrics = {k: float(v) for k, v in out.items()}
-                since_log += 1
-                if compile_seconds is None:
-                    compile_seconds = time.perf_counter() - t0
-                    log(f"compiled in {compile_seconds:.1f} s "
-                        "(trace + first step)")
-                    # The rate shown excludes the compilation.
-                    tic, since_log = time.perf_counter(), 0
-                done_in_epoch += 1
-                global_step = int(step.iterations.numpy())
-                record = {"kind": "step", "step": global_step,
-                          "epoch": epoch + 1, **metrics}
-                metrics_file.write(json.dumps(record) + "\n")
-                arch = _architecture_scalars(net, config)
-                with writer.as_default(step=global_step):
-                    for key, value in {**metrics, **arch}.items():
-                        tf.summary.scalar(key, value)
-                if metrics["skipped"]:
-                    culprits = [n for n in list(objectives) + ["train"]
-                                if metrics[f"nonfinite/{n}"]]
-                    log(f"step {global_step} skipped: non-finite "
-                        f"{', '.join(culprits) or 'update'} "
-                        f"({int(metrics['consecutive_skips'])} in a row)")
-                if metrics["consecutive_skips"] >= limit:
-                    # Skipped steps change nothing: this checkpoint holds
-                    # the last finite state.
-                    checkpoint.save(global_step)
-                    log(f"last finite state saved in {checkpoint.latest}")
-                    raise _skip_error(metrics, objectives, limit)
-                if (done_in_epoch % max(int(config.log_every), 1) == 0
-                        or done_in_epoch == steps_per_epoch):
-                    rate = (time.perf_counter() - tic) / max(since_log, 1)
-                    tic, since_log = time.perf_counter(), 0
-                    log(_progress_line(epoch, config.epochs, done_in_epoch,
-                                       steps_per_epoch, metrics, objectives,
-                                       rate))
-                if (config.checkpoint_every
-                        and global_step % int(config.checkpoint_every) == 0):
-                    checkpoint.save(global_step)
-                if guard.requested:
-                    break
-            if guard.requested and done_in_epoch < steps_per_epoch:
-                # Preempted mid-epoch: save the finished steps; the same
-                # command resumes from them. (At the end of an epoch the
-                # epoch is completed first.)
-                checkpoint.save(int(step.iterations.numpy()))
-                preempted = guard.requested
-                break
-            skip = 0
+            finished = loop.epoch(epoch, steps_per_epoch - skip, w_ds, a_ds,
+                                  o_ds)
+            done = int(step.iterations.numpy())
+            if not finished:
+                # Stopped mid-epoch: the finished steps are saved; the same
+                # command resumes from them.
+                checkpoint.save(done)
+                return _stopped(run, done, checkpoint, workdir)
             summary = _end_of_epoch(
                 epoch, net, config, params_table, evaluate, eval_split,
                 workdir, history, history_path)
             epochs_summary.append(summary)
-            metrics_file.write(json.dumps(summary) + "\n")
-            metrics_file.flush()
-            with writer.as_default(step=int(step.iterations.numpy())):
-                tf.summary.scalar("epoch/eval_acc", summary["eval_acc"])
-                tf.summary.scalar("epoch/eval_loss", summary["eval_loss"])
-                tf.summary.scalar("epoch/genotype_params",
-                                  summary["genotype_params"])
+            run.metrics.write(summary)
+            run.scalars(done, {"eval_acc": summary["eval_acc"],
+                               "eval_loss": summary["eval_loss"],
+                               "genotype_params": summary["genotype_params"]},
+                        prefix="epoch/")
             tb_lib.write_search_epoch_summaries(
-                writer, int(step.iterations.numpy()),
-                *[w.numpy() for w in net.op_weights()],
+                run.writer, done, *[w.numpy() for w in net.op_weights()],
                 derive_genotype(net, config), config.model.primitives)
-            writer.flush()
+            run.writer.flush()
             log(f"epoch {epoch + 1}: supernet {config.eval_on} accuracy "
                 f"{summary['eval_acc']:.4f}, derived genotype "
                 f"{summary['genotype_params']:.3f}M params")
             epoch_var.assign(epoch + 1)
-            checkpoint.save(int(step.iterations.numpy()))
-            if guard.requested and epoch + 1 < int(config.epochs):
-                preempted = guard.requested
+            checkpoint.save(done)
+            if run.stop_requested and epoch + 1 < int(config.epochs):
+                return _stopped(run, done, checkpoint, workdir)
+
+        genotype = derive_genotype(net, config)
+        if chief:
+            genotype.save(os.path.join(workdir, "genotype.json"))
+        params = genotype_params(genotype, params_table,
+                                 config.model.primitives)
+        log(f"genotype: {genotype.to_json()}")
+        log(f"expected parameters: {params:.3f}M (derived network, "
+            f"{config.resource.layers} cells, C={config.resource.channels})")
+        if chief:
+            plots_lib.plot_run(workdir, os.path.join(workdir, "plots"))
+        log(f"results in {workdir}: genotype.json, metrics.jsonl, "
+            "alpha_history.npz, plots/, checkpoints/, tb/")
+        return dict(genotype=genotype, genotype_params=params,
+                    epochs=epochs_summary, steps=done,
+                    compile_seconds=loop.compile_seconds, workdir=workdir)
+
+
+def _stopped(run, steps, checkpoint, workdir):
+    return dict(stopped=run.stop_requested, steps=steps,
+                checkpoint=checkpoint.latest, workdir=workdir)
+
+
+class _Loop:
+    """The steps of a search's epochs: metrics, logs, skips, checkpoints."""
+
+    def __init__(self, run, step, net, config, checkpoint, log):
+        self.run, self.step, self.net = run, step, net
+        self.config, self.checkpoint, self.log = config, checkpoint, log
+        self.objectives = step.objectives
+        self.compile_seconds = None
+
+    def epoch(self, epoch, steps, w_ds, a_ds, o_ds):
+        """Runs ``steps`` steps; False if a stop request ended it early."""
+        cfg, run = self.config, self.run
+        spe = self.step.steps_per_epoch
+        log_every = max(int(cfg.log_every), 1)
+        o_iter = iter(o_ds) if o_ds is not None else None
+        tic, since_log, taken = time.perf_counter(), 0, 0
+        for train_batch, valid_batch in zip(w_ds, a_ds):
+            if taken >= steps:
                 break
-    finally:
-        if profiler:
-            profiler.stop()
-        guard.__exit__()
-        metrics_file.close()
-        writer.close()
-    if preempted:
-        return dict(preempted=preempted, steps=int(step.iterations.numpy()),
-                    checkpoint=checkpoint.latest, workdir=workdir)
+            number = int(self.step.iterations.numpy())
+            t0 = time.perf_counter()
+            with run.trace(number):
+                out = self.step(train_batch, valid_batch,
+                                next(o_iter) if o_iter is not None else None)
+                metrics = {k: float(v) for k, v in out.items()}
+            taken += 1
+            since_log += 1
+            if self.compile_seconds is None:
+                self.compile_seconds = time.perf_counter() - t0
+                self.log(f"compiled in {self.compile_seconds:.1f} s "
+                         "(trace + first step)")
+                # The rate shown excludes the compilation.
+                tic, since_log = time.perf_counter(), 0
+            global_step = number + 1
+            run.metrics.write({"kind": "step", "step": global_step,
+                               "epoch": epoch + 1, **metrics})
+            run.scalars(global_step, {
+                **metrics, **_architecture_scalars(self.net, cfg)})
+            self._check_skips(global_step, metrics)
+            in_epoch = global_step - epoch * spe
+            if in_epoch % log_every == 0 or in_epoch == spe:
+                rate = (time.perf_counter() - tic) / max(since_log, 1)
+                tic, since_log = time.perf_counter(), 0
+                self.log(_progress_line(epoch, cfg.epochs, in_epoch, spe,
+                                        metrics, self.objectives, rate))
+            if (cfg.checkpoint_every
+                    and global_step % int(cfg.checkpoint_every) == 0):
+                self.checkpoint.save(global_step)
+            if run.stop_requested and taken < steps:
+                return False
+        return True
 
-    genotype = derive_genotype(net, config)
-    genotype.save(os.path.join(workdir, "genotype.json"))
-    params = genotype_params(genotype, params_table, config.model.primitives)
-    log(f"genotype: {genotype.to_json()}")
-    log(f"expected parameters: {params:.3f}M (derived network, "
-        f"{config.resource.layers} cells, C={config.resource.channels})")
-    plots_lib.plot_run(workdir, os.path.join(workdir, "plots"))
-    log(f"results in {workdir}: genotype.json, metrics.jsonl, "
-        "alpha_history.npz, plots/, checkpoints/, tb/")
-    return dict(genotype=genotype, genotype_params=params,
-                epochs=epochs_summary, steps=int(step.iterations.numpy()),
-                compile_seconds=compile_seconds, workdir=workdir)
-
-
-def _truncate_metrics(path, last_step, last_epoch):
-    """Keeps the metric lines up to a checkpoint, rewritten atomically."""
-    if not os.path.exists(path):
-        return
-    kept = []
-    with open(path) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a kill
-            if record.get("kind") == "step" and record["step"] <= last_step:
-                kept.append(line)
-            elif record.get("kind") == "epoch" \
-                    and record["epoch"] <= last_epoch:
-                kept.append(line)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(line if line.endswith("\n") else line + "\n"
-                     for line in kept)
-    os.replace(tmp, path)
+    def _check_skips(self, global_step, metrics):
+        skips = self.run.count_skip(metrics["skipped"])
+        if metrics["skipped"]:
+            culprits = [n for n in list(self.objectives) + ["train"]
+                        if metrics[f"nonfinite/{n}"]]
+            self.log(f"step {global_step} skipped: non-finite "
+                     f"{', '.join(culprits) or 'update'} "
+                     f"({skips} in a row)")
+        if skips >= self.run.skip_limit:
+            # Skipped steps change nothing: this checkpoint holds the last
+            # finite state.
+            self.checkpoint.save(global_step)
+            self.log(f"last finite state saved in {self.checkpoint.latest}")
+            raise _skip_error(metrics, self.objectives, skips)
 
 
 def _architecture_scalars(net, config):
@@ -559,17 +490,13 @@ def _end_of_epoch(epoch, net, config, params_table, evaluate, eval_split,
 
 def main(config, args):
     """``e2rnas search``: runs `search` on ``--workdir``."""
-    from absl import logging as absl_logging
-
-    # Checkpoint saving logs at INFO through absl; keep the run log readable.
-    absl_logging.set_verbosity(absl_logging.WARNING)
-
     def log(line):
         print(line, flush=True)
 
     result = search(config, args.workdir, overwrite=args.overwrite, log=log)
-    if result.get("preempted"):
-        log(f"e2rnas search: stopped by {result['preempted']} after step "
+    if result.get("stopped"):
+        log(f"e2rnas search: stopped by {result['stopped']} after step "
             f"{result['steps']}; checkpoint {result['checkpoint']} saved. "
             "Resume by running the same command again.")
+        return run_lib.EXIT_CODES.get(result["stopped"], 1)
     return 0

@@ -9,23 +9,13 @@ Reference:
 from __future__ import annotations
 
 import keras
-import numpy as np
 import tensorflow as tf
 
 from e2rnas_tf import ops as ops_lib
+from e2rnas_tf import topology
 from e2rnas_tf.fused_cell import FusedSearchCell
 
 _PACKAGE = "e2rnas_tf"
-
-
-def num_edges(steps):
-    """Edges of a cell with ``steps`` intermediate nodes (14 for 4)."""
-    return sum(2 + i for i in range(steps))
-
-
-def edge_inputs(steps):
-    """``[(node, input_state)]`` for every edge, in alpha row order."""
-    return [(i, j) for i in range(steps) for j in range(2 + i)]
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -146,7 +136,7 @@ class SearchCell(keras.layers.Layer):
         self.preprocess0, self.preprocess1 = ops_lib.cell_preprocess(
             channels, self.reduction_prev, affine=False)
         self.edges = []
-        for e, (node, j) in enumerate(edge_inputs(self.steps)):
+        for e, (node, j) in enumerate(topology.edge_inputs(self.steps)):
             stride = 2 if self.reduction and j < 2 else 1
             self.edges.append(MixedOp(channels, stride, self.primitives,
                                       name=f"edge_{node}_{j}"))
@@ -158,7 +148,7 @@ class SearchCell(keras.layers.Layer):
         # In a reduction cell the intermediate nodes are already reduced.
         node = ops_lib._strided_shape(state, 2 if self.reduction else 1,
                                       self.channels)
-        for op, (_, j) in zip(self.edges, edge_inputs(self.steps)):
+        for op, (_, j) in zip(self.edges, topology.edge_inputs(self.steps)):
             op.build(state if j < 2 else node)
 
     def call(self, s0, s1, weights, training=False):
@@ -192,11 +182,6 @@ class SearchCell(keras.layers.Layer):
 
 # Implementations of a search cell: the same function, see SearchNetwork.
 CELL_IMPLS = {"fused": FusedSearchCell, "reference": SearchCell}
-
-
-def reduction_layers(layers):
-    """Indices of the reduction cells among ``layers`` cells."""
-    return sorted({layers // 3, 2 * layers // 3})
 
 
 @keras.saving.register_keras_serializable(package=_PACKAGE)
@@ -276,22 +261,17 @@ class SearchNetwork(keras.Model):
             c_curr, 3, padding="same", use_bias=False,
             kernel_initializer="he_normal", name="stem_conv")
         self.stem_bn = ops_lib.BatchNorm(affine=True, name="stem_bn")
-        c_prev_prev, c_prev, c_curr = c_curr, c_curr, self.channels
-        self.cells = []
-        reduction_prev = False
-        reductions = reduction_layers(self.num_layers)
-        for i in range(self.num_layers):
-            reduction = i in reductions
-            if reduction:
-                c_curr *= 2
-            cell_cls = CELL_IMPLS[self.cell_impl]
-            self.cells.append(cell_cls(
-                c_curr, reduction, reduction_prev, self.steps,
-                self.multiplier, self.primitives, name=f"cell_{i}"))
-            reduction_prev = reduction
-            c_prev_prev, c_prev = c_prev, self.multiplier * c_curr
+        cell_cls = CELL_IMPLS[self.cell_impl]
+        plan, _ = topology.cell_plan(self.channels, self.num_layers,
+                                     multiplier=self.multiplier,
+                                     stem_multiplier=self.stem_multiplier)
+        self.cells = [
+            cell_cls(spec.channels, spec.reduction, spec.reduction_prev,
+                     self.steps, self.multiplier, self.primitives,
+                     name=f"cell_{spec.index}")
+            for spec in plan]
         self.classifier = keras.layers.Dense(num_classes, name="classifier")
-        shape = (num_edges(self.steps), len(self.primitives))
+        shape = (topology.num_edges(self.steps), len(self.primitives))
         # float32 whatever the dtype policy: alpha, its softmax and the
         # architecture objectives are never computed in reduced precision.
         self.alpha_normal = self.add_weight(
@@ -368,8 +348,3 @@ def _alpha_initializer(seed, index):
     # and the reduction cell from identical alphas.
     seed = None if seed is None else int(seed) + index
     return keras.initializers.RandomNormal(stddev=1e-3, seed=seed)
-
-
-def count_params(variables):
-    """Total number of scalars in ``variables``."""
-    return int(sum(np.prod(v.shape) for v in variables))

@@ -24,23 +24,19 @@ Reference:
 from __future__ import annotations
 
 import functools
-import math
 
 import tensorflow as tf
 
 from e2rnas_tf import mgda
+from e2rnas_tf import optim
 from e2rnas_tf import objectives as obj_lib
 from e2rnas_tf import resources
 from e2rnas_tf import runtime
+from e2rnas_tf import schedules
 
 OBJECTIVES = ("acc", "adv", "params", "flops", "ood")
 NETWORK_OBJECTIVES = ("acc", "adv", "ood")
 ORDERS = ("first", "second")
-# Initial dynamic loss scale under mixed_float16, as Keras'
-# LossScaleOptimizer; halved on overflow, doubled after `_SCALE_PERIOD`
-# finite steps.
-_INITIAL_LOSS_SCALE = 2.0 ** 15
-_SCALE_PERIOD = 2000
 
 
 class SearchDivergedError(ValueError):
@@ -112,172 +108,6 @@ def check_resource(resource):
             f"Received: {resource.gumbel_tau!r}")
 
 
-def cosine_lr(step, *, lr, lr_min, epochs, steps_per_epoch):
-    """DARTS' per-epoch cosine learning rate, from a step counter tensor.
-
-    ``lr_min + (lr - lr_min) * (1 + cos(pi * epoch / epochs)) / 2`` with
-    ``epoch = step // steps_per_epoch``, as PyTorch's ``CosineAnnealingLR``
-    stepped once per epoch with ``T_max = epochs``.
-
-    Args:
-        step: integer scalar tensor, steps taken so far.
-        lr, lr_min: initial and final learning rate.
-        epochs: length of the run in epochs.
-        steps_per_epoch: steps in one epoch.
-
-    Returns:
-        A float32 scalar tensor.
-    """
-    epoch = tf.cast(step // int(steps_per_epoch), tf.float32)
-    frac = tf.minimum(epoch / float(max(int(epochs), 1)), 1.0)
-    return lr_min + 0.5 * (lr - lr_min) * (1.0 + tf.cos(math.pi * frac))
-
-
-def _all_reduce(values):
-    """Sums a nested structure of tensors over the replicas.
-
-    Runs in a replica context; with a single replica it is the identity.
-    """
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None or ctx.num_replicas_in_sync == 1:
-        return values
-    return ctx.all_reduce(tf.distribute.ReduceOp.SUM, values)
-
-
-def _raw(variable):
-    """The `tf.Variable` behind a Keras variable (itself for tf.Variable)."""
-    return variable.value if hasattr(variable, "_value") else variable
-
-
-def _assign(variables, values):
-    """Writes ``values`` into ``variables`` from a replica context.
-
-    Goes through `merge_call` and `extended.update`, the path that works for
-    mirrored variables; every replica computes the same values (all inputs
-    were all-reduced), so any replica's copy is the right one.
-    """
-    variables = [_raw(v) for v in variables]
-
-    def merge_fn(strategy, *vals):
-        for var, val in zip(variables, vals):
-            strategy.extended.update(
-                var, lambda v, x: v.assign(x), args=(val,), group=False)
-
-    ctx = tf.distribute.get_replica_context()
-    if ctx is None:  # cross-replica context
-        for var, val in zip(variables, values):
-            var.assign(val)
-        return
-    ctx.merge_call(merge_fn, args=tuple(values))
-
-
-def _global_norm(tensors):
-    return tf.sqrt(tf.add_n([tf.reduce_sum(tf.square(tf.cast(t, tf.float32)))
-                             for t in tensors]))
-
-
-def _all_finite(tensors):
-    return tf.reduce_all(tf.stack(
-        [tf.reduce_all(tf.math.is_finite(t)) for t in tensors]))
-
-
-class MomentumSGD(tf.Module):
-    """SGD with momentum and L2 weight decay, with PyTorch's semantics.
-
-    ``g <- g + wd * w``; ``buf <- momentum * buf + g``; ``w <- w - lr * buf``
-    (the L2 term is added to the gradient, not decoupled; the buffer does not
-    contain the learning rate, so a changing lr acts at once). `updates`
-    returns new values rather than assigning them, so the caller can drop a
-    whole step.
-
-    Args:
-        variables: the variables it optimises (for the buffer shapes).
-        momentum: momentum factor.
-        weight_decay: L2 coefficient.
-    """
-
-    def __init__(self, variables, momentum, weight_decay, name="sgd"):
-        super().__init__(name=name)
-        self.momentum = float(momentum)
-        self.weight_decay = float(weight_decay)
-        self.buffers = [
-            tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
-                        name=f"momentum_{i}")
-            for i, v in enumerate(variables)]
-
-    def virtual_step(self, values, grads, lr):
-        """DARTS' unrolled weights ``w - lr (m * buf + g + wd * w)``."""
-        # Shared scalar tensors: one constant per graph, not one per weight.
-        momentum = tf.constant(self.momentum)
-        decay = tf.constant(self.weight_decay)
-        return [w - lr * (momentum * b + g + decay * w)
-                for w, b, g in zip(values, self.buffers, grads)]
-
-    def updates(self, values, grads, lr, apply=None):
-        """``(new_values, new_buffers)`` of one step (nothing assigned).
-
-        With ``apply`` (a bool scalar) False the returned values equal the
-        current ones exactly, whatever the (possibly NaN) gradients: the
-        gradient is replaced by 0, the momentum by 1 and the lr by 0, which
-        costs three scalar selects instead of two per weight.
-        """
-        momentum = tf.constant(self.momentum)
-        decay = tf.constant(self.weight_decay)
-        grads = [g + decay * w for w, g in zip(values, grads)]
-        if apply is not None:
-            grads = [tf.where(apply, g, tf.zeros_like(g)) for g in grads]
-            momentum = tf.where(apply, momentum, 1.0)
-            lr = tf.where(apply, lr, 0.0)
-        new_buffers = [momentum * b + g for b, g in zip(self.buffers, grads)]
-        new_values = [w - lr * b for w, b in zip(values, new_buffers)]
-        return new_values, new_buffers
-
-
-class AdamL2(tf.Module):
-    """Adam with L2 weight decay added to the gradient (PyTorch's Adam).
-
-    ``g <- g + wd * p``; the usual bias-corrected moments; ``p <- p - lr *
-    m_hat / (sqrt(v_hat) + eps)`` with ``eps`` outside the square root, as
-    PyTorch, so DARTS' hyper-parameters carry over.
-
-    Args:
-        variables: the variables it optimises (for the moment shapes).
-        beta1, beta2: moment decay rates.
-        weight_decay: L2 coefficient.
-        epsilon: denominator offset.
-    """
-
-    def __init__(self, variables, beta1, beta2, weight_decay, epsilon=1e-8,
-                 name="adam"):
-        super().__init__(name=name)
-        self.beta1 = float(beta1)
-        self.beta2 = float(beta2)
-        self.weight_decay = float(weight_decay)
-        self.epsilon = float(epsilon)
-        self.iterations = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                      name="iterations")
-        self.m = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
-                              name=f"m_{i}") for i, v in enumerate(variables)]
-        self.v = [tf.Variable(tf.zeros(v.shape, tf.float32), trainable=False,
-                              name=f"v_{i}") for i, v in enumerate(variables)]
-
-    def updates(self, values, grads, lr):
-        """``(new_values, new_m, new_v, new_iterations)`` (nothing assigned)."""
-        t = self.iterations + 1
-        tf32 = tf.cast(t, tf.float32)
-        new_m, new_v, new_values = [], [], []
-        for p, g, m, v in zip(values, grads, self.m, self.v):
-            g = g + self.weight_decay * p
-            m = self.beta1 * m + (1.0 - self.beta1) * g
-            v = self.beta2 * v + (1.0 - self.beta2) * tf.square(g)
-            m_hat = m / (1.0 - tf.pow(self.beta1, tf32))
-            v_hat = v / (1.0 - tf.pow(self.beta2, tf32))
-            new_values.append(p - lr * m_hat / (tf.sqrt(v_hat) + self.epsilon))
-            new_m.append(m)
-            new_v.append(v)
-        return new_values, new_m, new_v, t
-
-
 def normalization_scale(grads, loss, mode):
     """The factor `mgda.normalize_gradients` multiplies one gradient by.
 
@@ -287,11 +117,11 @@ def normalization_scale(grads, loss, mode):
     if mode == "none":
         return tf.constant(1.0)
     if mode == "l2":
-        divisor = _global_norm(grads)
+        divisor = optim.global_norm(grads)
     elif mode == "loss":
         divisor = loss
     else:
-        divisor = loss * _global_norm(grads)
+        divisor = loss * optim.global_norm(grads)
     return 1.0 / tf.where(divisor > 0.0, divisor, 1.0)
 
 
@@ -392,14 +222,10 @@ class SearchStep(tf.Module):
         self.consecutive_skips = tf.Variable(0, dtype=tf.int64,
                                              trainable=False,
                                              name="consecutive_skips")
-        self.loss_scale = tf.Variable(
-            _INITIAL_LOSS_SCALE if self.float16 else 1.0, dtype=tf.float32,
-            trainable=False, name="loss_scale")
-        self.good_steps = tf.Variable(0, dtype=tf.int64, trainable=False,
-                                      name="good_steps")
-        self.w_optimizer = MomentumSGD(w_vars, config.optim.momentum,
+        self.loss_scale = optim.DynamicLossScale(self.float16)
+        self.w_optimizer = optim.MomentumSGD(w_vars, config.optim.momentum,
                                        config.optim.weight_decay)
-        self.arch_optimizer = AdamL2(alpha, config.arch.beta1,
+        self.arch_optimizer = optim.AdamL2(alpha, config.arch.beta1,
                                      config.arch.beta2,
                                      config.arch.weight_decay)
         self.jit_scope = runtime.jit_scope(
@@ -459,9 +285,8 @@ class SearchStep(tf.Module):
         """The weight learning rate at ``step`` (default: the current one)."""
         step = self.iterations if step is None else step
         o = self.config.optim
-        return cosine_lr(tf.convert_to_tensor(step), lr=o.lr,
-                         lr_min=o.lr_min, epochs=self.config.epochs,
-                         steps_per_epoch=self.steps_per_epoch)
+        epoch = tf.convert_to_tensor(step) // self.steps_per_epoch
+        return schedules.cosine_lr(epoch, self.config.epochs, o.lr, o.lr_min)
 
     # -- losses ------------------------------------------------------------
 
@@ -487,8 +312,8 @@ class SearchStep(tf.Module):
         return self.network(images, training=True)
 
     def _sources(self, which):
-        alpha = [_raw(a) for a in self.network.arch_variables]
-        w_vars = [_raw(v) for v in self.network.weight_variables]
+        alpha = [optim.raw_variable(a) for a in self.network.arch_variables]
+        w_vars = [optim.raw_variable(v) for v in self.network.weight_variables]
         return {"alpha": alpha, "w": w_vars, "all": alpha + w_vars}[which]
 
     def _ood(self, logits):
@@ -521,13 +346,11 @@ class SearchStep(tf.Module):
                 loss = float(self.config.ood.upper_scale) * self._ood(logits)
             if ood_images is not None:
                 loss += ood_weight * self._ood(self._forward(ood_images))
-            scaled = loss * self.loss_scale if self.float16 else loss
+            scaled = self.loss_scale.scale_loss(loss)
         grads = tape.gradient(scaled, sources)
         grads = [tf.zeros_like(s) if g is None else tf.cast(g, tf.float32)
                  for g, s in zip(grads, sources)]
-        if self.float16:
-            grads = [g / self.loss_scale for g in grads]
-        return loss, logits, grads
+        return loss, logits, self.loss_scale.unscale(grads)
 
     def _attack(self, images, labels, which, seed):
         """The adversarial images of ``which`` attack: ``valid`` (the adv
@@ -590,15 +413,15 @@ class SearchStep(tf.Module):
         net = self.network
         cfg = self.config
         xv, yv = valid_batch
-        alpha = [_raw(a) for a in net.arch_variables]
-        w_vars = [_raw(v) for v in net.weight_variables]
+        alpha = [optim.raw_variable(a) for a in net.arch_variables]
+        w_vars = [optim.raw_variable(v) for v in net.weight_variables]
         second = cfg.arch.order == "second"
         if second:
-            w_saved = [tf.identity(_raw(v)) for v in w_vars]
+            w_saved = [tf.identity(optim.raw_variable(v)) for v in w_vars]
             xt, yt = train_batch
             _, _, g_train = self._network_loss_grads(xt, yt, "w")
-            g_train = _all_reduce(g_train)
-            _assign(w_vars, self.w_optimizer.virtual_step(w_saved, g_train,
+            g_train = optim.all_reduce(g_train)
+            optim.assign(w_vars, self.w_optimizer.virtual_step(w_saved, g_train,
                                                           lr))
         losses, alpha_grads, w_grads, costs = [], [], [], {}
         valid_acc = tf.constant(0.0)
@@ -607,7 +430,7 @@ class SearchStep(tf.Module):
             if name == "ood":
                 loss, _, grads = self._network_loss_grads(
                     ood_images, None, which, kind="ood")
-                loss, grads = _all_reduce((loss, grads))
+                loss, grads = optim.all_reduce((loss, grads))
                 alpha_grads.append(grads[:2])
                 w_grads.append(grads[2:])
             elif name in NETWORK_OBJECTIVES:
@@ -618,7 +441,7 @@ class SearchStep(tf.Module):
                 loss, logits, grads = self._network_loss_grads(
                     images, yv, which)
                 hits = self._acc(logits, yv)
-                loss, grads, hits = _all_reduce((loss, grads, hits))
+                loss, grads, hits = optim.all_reduce((loss, grads, hits))
                 if name == "acc":
                     valid_acc = hits
                 alpha_grads.append(grads[:2])
@@ -629,10 +452,10 @@ class SearchStep(tf.Module):
                 alpha_grads.append(grads)
                 w_grads.append(None)
             losses.append(loss)
-        finite = [_all_finite([loss] + list(g))
+        finite = [optim.all_finite([loss] + list(g))
                   for loss, g in zip(losses, alpha_grads)]
         if second:
-            finite = [f & _all_finite(g) if g else f
+            finite = [f & optim.all_finite(g) if g else f
                       for f, g in zip(finite, w_grads)]
         losses_t = tf.stack(losses)
         direction, weights, ok = mgda.combine(alpha_grads, losses_t,
@@ -642,7 +465,7 @@ class SearchStep(tf.Module):
                 direction, weights, alpha_grads, losses, w_grads, w_saved,
                 train_batch, lr, combine_kwargs["normalization"])
             ok = ok & ok_hvp
-            _assign(w_vars, w_saved)
+            optim.assign(w_vars, w_saved)
         ok = ok & tf.reduce_all(tf.stack(finite))
         return dict(direction=direction, weights=weights, losses=losses_t,
                     finite=finite, costs=costs, ok=ok, valid_acc=valid_acc)
@@ -652,7 +475,7 @@ class SearchStep(tf.Module):
         """``direction - lr * H_{alpha w} v`` by central differences."""
         cfg = self.config
         net = self.network
-        w_vars = [_raw(v) for v in net.weight_variables]
+        w_vars = [optim.raw_variable(v) for v in net.weight_variables]
         normalized = cfg.combine.apply_to == "normalized"
         v = None
         for k, g in enumerate(w_grads):
@@ -666,29 +489,28 @@ class SearchStep(tf.Module):
             v = term if v is None else [a + b for a, b in zip(v, term)]
         if v is None:
             return direction, tf.constant(True)
-        norm = _global_norm(v)
+        norm = optim.global_norm(v)
         eps = cfg.arch.unrolled_eps / tf.where(norm > 0.0, norm, 1.0)
         xt, yt = train_batch
-        alpha = [_raw(a) for a in net.arch_variables]
         grads_pm = []
         for sign in (1.0, -1.0):
-            _assign(w_vars, [w + sign * eps * d for w, d in zip(w_saved, v)])
+            optim.assign(w_vars, [w + sign * eps * d for w, d in zip(w_saved, v)])
             _, _, g = self._network_loss_grads(xt, yt, "alpha")
-            grads_pm.append(_all_reduce(g))
+            grads_pm.append(optim.all_reduce(g))
         hvp = [(p - m) / (2.0 * eps) for p, m in zip(*grads_pm)]
         direction = [d - lr * h for d, h in zip(direction, hvp)]
-        return direction, _all_finite(hvp)
+        return direction, optim.all_finite(hvp)
 
     # -- the whole step -------------------------------------------------------
 
     def _replica_step(self, xt, yt, xv, yv, xo, active):
         net = self.network
         cfg = self.config
-        w_vars = [_raw(v) for v in net.weight_variables]
-        alpha_vars = [_raw(v) for v in net.arch_variables]
+        w_vars = [optim.raw_variable(v) for v in net.weight_variables]
+        alpha_vars = [optim.raw_variable(v) for v in net.arch_variables]
         arch_ids = {id(v) for v in alpha_vars}
-        state_vars = [_raw(v) for v in net.non_trainable_variables
-                      if id(_raw(v)) not in arch_ids]
+        state_vars = [optim.raw_variable(v) for v in net.non_trainable_variables
+                      if id(optim.raw_variable(v)) not in arch_ids]
         step = self.iterations.read_value()
         lr = self.learning_rate(step)
         arch_lr = tf.constant(float(cfg.arch.lr))
@@ -696,15 +518,15 @@ class SearchStep(tf.Module):
                          tf.cast(step, tf.int32)])
         # Snapshots so that a skipped step leaves everything as it was
         # (including the batch-norm statistics the forward passes update).
-        state_saved = [tf.identity(_raw(v)) for v in state_vars]
-        alpha_saved = [tf.identity(_raw(v)) for v in alpha_vars]
+        state_saved = [tf.identity(optim.raw_variable(v)) for v in state_vars]
+        alpha_saved = [tf.identity(optim.raw_variable(v)) for v in alpha_vars]
 
         arch = self.arch_direction((xv, yv), (xt, yt), lr, seed,
                                    ood_images=xo, active=active or None)
         adam = self.arch_optimizer
         new_alpha, new_m, new_v, new_t = adam.updates(
             alpha_saved, arch["direction"], arch_lr)
-        ok_arch = arch["ok"] & _all_finite(new_alpha)
+        ok_arch = arch["ok"] & optim.all_finite(new_alpha)
         # During the warm-up alpha and Adam's state are kept (the direction
         # is still computed, so its objectives are logged and checked);
         # likewise before the first objective's start epoch.
@@ -721,12 +543,12 @@ class SearchStep(tf.Module):
         new_t = tf.where(keep, adam.iterations.value(), new_t)
         arch_lr = tf.where(arch_on, arch_lr, 0.0)
         # DARTS updates alpha first and trains w at the new alpha.
-        _assign(alpha_vars, [tf.where(ok_arch, a, s)
+        optim.assign(alpha_vars, [tf.where(ok_arch, a, s)
                              for a, s in zip(new_alpha, alpha_saved)])
 
         if cfg.adv_train.enabled:
             xt = self._attack(xt, yt, "train", seed + 1)
-        w_saved = [tf.identity(_raw(v)) for v in w_vars]
+        w_saved = [tf.identity(optim.raw_variable(v)) for v in w_vars]
         if self.ood_lower_weight > 0:
             train_loss, logits, g_w = self._network_loss_grads(
                 xt, yt, "w", ood_images=xo,
@@ -734,7 +556,7 @@ class SearchStep(tf.Module):
         else:
             train_loss, logits, g_w = self._network_loss_grads(xt, yt, "w")
         train_acc = self._acc(logits, yt)
-        train_loss, train_acc, g_w = _all_reduce((train_loss, train_acc, g_w))
+        train_loss, train_acc, g_w = optim.all_reduce((train_loss, train_acc, g_w))
         g_w, g_norm = tf.clip_by_global_norm(g_w, cfg.optim.grad_clip)
         # The global norm is NaN/Inf iff a gradient entry is (or its square
         # overflows float32): one check instead of one per weight tensor.
@@ -742,33 +564,25 @@ class SearchStep(tf.Module):
         ok = ok_arch & ok_train
         sgd = self.w_optimizer
         new_w, new_buf = sgd.updates(w_saved, g_w, lr, apply=ok)
-        _assign(w_vars, new_w)
-        _assign(sgd.buffers, new_buf)
+        optim.assign(w_vars, new_w)
+        optim.assign(sgd.buffers, new_buf)
 
         def pick(new, old):
             return [tf.where(ok, n, o) for n, o in zip(new, old)]
 
-        _assign(alpha_vars, pick(new_alpha, alpha_saved))
-        _assign(adam.m, pick(new_m, [m.read_value() for m in adam.m]))
-        _assign(adam.v, pick(new_v, [v.read_value() for v in adam.v]))
-        _assign([adam.iterations], pick([new_t], [adam.iterations.value()]))
-        _assign(state_vars, [tf.where(ok, _raw(v).read_value(), s)
+        optim.assign(alpha_vars, pick(new_alpha, alpha_saved))
+        optim.assign(adam.m, pick(new_m, [m.read_value() for m in adam.m]))
+        optim.assign(adam.v, pick(new_v, [v.read_value() for v in adam.v]))
+        optim.assign([adam.iterations], pick([new_t], [adam.iterations.value()]))
+        optim.assign(state_vars, [tf.where(ok, optim.raw_variable(v).read_value(), s)
                              for v, s in zip(state_vars, state_saved)])
         skips = tf.where(ok, tf.constant(0, tf.int64),
                          self.consecutive_skips + 1)
-        counters = [self.iterations, self.consecutive_skips]
-        values = [step + 1, skips]
-        if self.float16:
-            # Dynamic loss scale: an overflow halves it (and the step is
-            # skipped like any non-finite step); a long finite run doubles it.
-            good = tf.where(ok, self.good_steps + 1, 0)
-            grow = good >= _SCALE_PERIOD
-            scale = tf.where(ok, tf.where(grow, self.loss_scale * 2.0,
-                                          self.loss_scale),
-                             tf.maximum(self.loss_scale * 0.5, 1.0))
-            counters += [self.good_steps, self.loss_scale]
-            values += [tf.where(grow, tf.zeros_like(good), good), scale]
-        _assign(counters, values)
+        # Dynamic loss scale: an overflow halves it (and the step is skipped
+        # like any non-finite step); a long finite run doubles it.
+        scale_vars, scale_values = self.loss_scale.updates(ok)
+        optim.assign([self.iterations, self.consecutive_skips] + scale_vars,
+                     [step + 1, skips] + scale_values)
 
         metrics = {"lr": lr, "arch_lr": arch_lr,
                    "train/loss": train_loss, "train/acc": train_acc,
@@ -799,7 +613,7 @@ class SearchStep(tf.Module):
         metrics["derived/params"] = resources.expected_cost(
             *derived, self.report_table)
         if self.float16:
-            metrics["loss_scale"] = self.loss_scale.read_value()
+            metrics["loss_scale"] = self.loss_scale.scale.read_value()
         return {k: tf.cast(v, tf.float32) for k, v in metrics.items()}
 
     def _distributed_step(self, train_batch, valid_batch, ood_images,
@@ -814,6 +628,13 @@ class SearchStep(tf.Module):
         # Every metric was all-reduced inside the replicas: any copy will do.
         return {k: self.strategy.experimental_local_results(v)[0]
                 for k, v in out.items()}
+
+    def concrete_function(self, train_batch, valid_batch, ood_images=None):
+        """The traced step for these inputs and the current active
+        objectives (its ``.graph`` for op counts and FLOPs)."""
+        return self._compiled.get_concrete_function(
+            train_batch, valid_batch,
+            ood_images if self.needs_ood else None, self.active_objectives())
 
     def __call__(self, train_batch, valid_batch, ood_images=None):
         """One bi-level step; see the class docstring.

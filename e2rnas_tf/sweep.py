@@ -25,12 +25,17 @@ from __future__ import annotations
 
 import os
 import shlex
-import sys
 import time
 
+import keras
 import numpy as np
 
+from e2rnas_tf import export as export_lib
 from e2rnas_tf import pipeline
+from e2rnas_tf import runtime
+from e2rnas_tf.runs import checkpoints as ckpt_lib
+from e2rnas_tf.runs import files
+from e2rnas_tf.runs import workdir as workdir_lib
 from e2rnas_tf import resources
 
 KINDS = ("params", "flops")
@@ -97,7 +102,6 @@ def _check(config):
             f"Expected config.objective_sets, each containing {kind!r} (the "
             f"swept resource). Received: {sets!r}")
     pipeline.check_robust(config, SweepError)
-    from e2rnas_tf import export as export_lib
     export_lib.check_model_name(config.model_name)
 
 
@@ -178,30 +182,15 @@ FRONT_LABELS = {"smallest": ("params_m", False),
                 "most_robust": ("robust", True)}
 
 
-def export_front(points, export_base, model_name, exports_path, *,
-                 log=print):
-    """Exports every Pareto-optimal point not exported before.
-
-    Versions are assigned in order of increasing parameters; the served
-    outputs carry the class names the training run recorded. models.config
-    serves every version and labels the front's extremes (`FRONT_LABELS`;
-    ties: the smaller model). Returns ``{setting: version directory}``
-    (also written to ``exports_path``).
-    """
-    import keras
-
-    from e2rnas_tf import export as export_lib
-
-    # The served models compute in float32, whatever the training policy.
-    keras.mixed_precision.set_global_policy("float32")
-    exports = pipeline.read_json(exports_path) or {}
+def _export_points(points, export_base, model_name, exports_path, log):
+    exports = files.read_json(exports_path) or {}
     front = sorted((p for p in points if p["pareto"]),
                    key=lambda p: p["params_m"])
     for p in front:
         previous = exports.get(p["name"])
         if previous and os.path.isdir(previous):
             continue
-        model = export_lib.load_checkpoint(p["model_path"])
+        model = ckpt_lib.load_model_file(p["model_path"])
         figures = {k: p[k] for k in ("name", "objectives", "target",
                                      "params_m", "macs_m", "clean",
                                      "robust", "robust_accuracy",
@@ -213,9 +202,29 @@ def export_front(points, export_base, model_name, exports_path, *,
                       "pareto_optimal": True},
             class_names=run_files.get("class_names"))
         exports[p["name"]] = version_dir
-        pipeline.write_json(exports_path, exports)
+        files.write_json(exports_path, pipeline.jsonable(exports),
+                         sort_keys=False)
         log(f"sweep: exported {p['name']} as {version_dir}")
         keras.backend.clear_session()
+    return exports
+
+
+def export_front(points, export_base, model_name, exports_path, *,
+                 log=print):
+    """Exports every Pareto-optimal point not exported before.
+
+    Versions are assigned in order of increasing parameters; the served
+    outputs carry the class names the training run recorded. models.config
+    serves every version and labels the front's extremes (`FRONT_LABELS`;
+    ties: the smaller model). Returns ``{setting: version directory}``
+    (also written to ``exports_path``).
+    """
+    # The served models compute in float32, whatever the training policy.
+    with runtime.precision_policy("float32"):
+        exports = _export_points(points, export_base, model_name,
+                                 exports_path, log)
+    front = sorted((p for p in points if p["pareto"]),
+                   key=lambda p: p["params_m"])
     if front:
         labels = {}
         for label, (key, larger) in FRONT_LABELS.items():
@@ -243,10 +252,8 @@ def sweep(config, workdir, *, export_base=None, overwrite=False, command="",
     Returns:
         ``{"points": [...], "exports": {...}, "results_dir": path}``.
     """
-    from e2rnas_tf import checkpointing
-
     _check(config)
-    with checkpointing.WorkdirLock(workdir):
+    with workdir_lib.WorkdirLock(workdir):
         return _sweep(config, workdir, export_base=export_base,
                       overwrite=overwrite, command=command, log=log)
 
@@ -300,10 +307,11 @@ def _sweep(config, workdir, *, export_base, overwrite, command, log):
             "robust": robust_label,
             "serving": os.path.join(os.path.abspath(export_base),
                                     config.model_name)}
-    pipeline.write_json(os.path.join(results_dir, "sweep.json"),
-                        {"meta": meta, "points": points})
-    pipeline.write_text(os.path.join(results_dir, "sweep.md"),
-                        format_sweep(points, meta))
+    files.write_json(os.path.join(results_dir, "sweep.json"),
+                     pipeline.jsonable({"meta": meta, "points": points}),
+                     sort_keys=False)
+    files.write_text(os.path.join(results_dir, "sweep.md"),
+                     format_sweep(points, meta))
     log(f"sweep: results in {results_dir}/sweep.md; Pareto-optimal: "
         f"{[p['name'] for p in points if p['pareto']]}")
     return {"points": points, "exports": exports, "results_dir": results_dir}
@@ -321,7 +329,8 @@ def main(config, args):
     start = time.perf_counter()
     result = sweep(config, args.workdir, export_base=args.export_base,
                    overwrite=args.overwrite,
-                   command=shlex.join(["e2rnas", *sys.argv[1:]]),
+                   command=shlex.join(args.command_line
+                                      or ("e2rnas", "sweep")),
                    log=lambda *a: print(*a, flush=True))
     with open(os.path.join(result["results_dir"], "sweep.md")) as f:
         print(f.read())

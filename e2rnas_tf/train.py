@@ -7,10 +7,8 @@ linearly from 0 to 0.2 over training and an auxiliary loss weighted 0.4.
 Optionally adversarial training (``config.adv_train``): a share of every
 batch is replaced by adversarial examples made against the current weights.
 
-Differences from PyTorch DARTS, all small: Keras' SGD folds the learning
-rate into the momentum buffer (``v = m v - lr g``) where PyTorch applies it
-after (``w -= lr (m b + g)``), which differs only in the step after an lr
-change, i.e. at epoch boundaries; weight decay, as there, covers every
+The optimiser is the search's (`optim.MomentumSGD`, PyTorch's semantics:
+``w -= lr (m b + g + wd w)``); weight decay, as there, covers every
 trainable variable (batch-norm scales and biases included).
 
 Work directory layout::
@@ -34,64 +32,37 @@ Reference:
 
 from __future__ import annotations
 
-import contextlib
-import json
-import math
+import functools
 import os
-import shutil
 import sys
 import time
 
 import keras
 import tensorflow as tf
 
-from e2rnas_tf import checkpointing
+from e2rnas_tf import costs
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import genotypes as genotypes_lib
 from e2rnas_tf import model as model_lib
 from e2rnas_tf import objectives
+from e2rnas_tf import optim
 from e2rnas_tf import runtime
-from e2rnas_tf import tensorboard as tb_lib
+from e2rnas_tf import schedules
+from e2rnas_tf.runs import checkpoints as ckpt_lib
+from e2rnas_tf.runs import context as run_lib
+from e2rnas_tf.runs import files
+from e2rnas_tf.runs import metrics as metrics_lib
+from e2rnas_tf.runs import workdir as workdir_lib
 
-__all__ = ["WorkdirError", "TrainingDiverged", "cosine_lr", "drop_path_at",
-           "main", "train"]
+__all__ = ["TrainingDiverged", "drop_path_at", "main", "train"]
 
 # Written by `train`; a workdir holding any of them belongs to some run.
 OUTPUTS = ("config.json", "genotype.json", "metrics.jsonl", "checkpoints",
            "tb", "model_last.keras", "model_best.keras", "summary.json")
-# Fields that do not change what is trained, so a run may resume with them
-# changed; everything else must match the workdir's config.json.
-_NON_IDENTITY_FIELDS = ("log_every", "checkpoint_every", "profile_steps",
-                        "evaluate")
-
-
-class WorkdirError(ValueError):
-    """The workdir holds a different run (and --overwrite was not given)."""
 
 
 class TrainingDiverged(ValueError):
     """The training loss became NaN or Inf."""
-
-
-def cosine_lr(epoch, epochs, lr, lr_min=0.0):
-    """DARTS' per-epoch cosine annealing, ``lr`` at epoch 0.
-
-    Args:
-        epoch: 0-based epoch.
-        epochs: total epochs.
-        lr: initial learning rate.
-        lr_min: value approached at the end.
-
-    Returns:
-        ``lr_min + (lr - lr_min) * (1 + cos(pi * epoch / epochs)) / 2``.
-
-    Example:
-
-    >>> cosine_lr(0, 10, 0.1), cosine_lr(5, 10, 0.1)
-    (0.1, 0.05...)
-    """
-    return lr_min + 0.5 * (lr - lr_min) * (1.0 + math.cos(math.pi * epoch
-                                                         / epochs))
 
 
 def drop_path_at(epoch, epochs, drop_path):
@@ -127,88 +98,21 @@ def _check_config(config):
 # Work directory.
 
 
-def _identity(config_dict):
-    return {k: v for k, v in config_dict.items()
-            if k not in _NON_IDENTITY_FIELDS}
+def _identity(config_dict, genotype):
+    return workdir_lib.run_identity(config_dict, genotype=genotype.to_dict())
 
 
-def _check_workdir(workdir, config_dict, genotype, overwrite):
-    """Decides what to do with ``workdir`` before anything is written.
-
-    Returns:
-        ``(resume, stale)``: whether it holds this very run (resume from
-        its checkpoint), and the outputs of a different run to delete
-        (only with ``overwrite``; otherwise that raises `WorkdirError`).
-    """
-    config_path = os.path.join(workdir, "config.json")
-    genotype_path = os.path.join(workdir, "genotype.json")
-    present = [name for name in OUTPUTS
-               if os.path.exists(os.path.join(workdir, name))]
-    same = False
-    if os.path.exists(config_path):
-        try:
-            with open(config_path) as f:
-                old = json.load(f)
-            old_genotype = genotypes_lib.Genotype.load(genotype_path)
-            same = (_identity(old) == _identity(config_dict)
-                    and old_genotype == genotype)
-        except (OSError, ValueError):
-            same = False
-    if present and not same and not overwrite:
-        raise WorkdirError(
-            f"Workdir {workdir} holds a different run (its config.json "
-            "or genotype differs, or is missing); choose another "
-            "--workdir or pass --overwrite to replace it")
-    return same, ([] if same else present)
-
-
-def _init_workdir(workdir, config_dict, genotype, stale):
-    for name in stale:
-        path = os.path.join(workdir, name)
-        if os.path.isdir(path):
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
-    os.makedirs(workdir, exist_ok=True)
-    _write_json(os.path.join(workdir, "config.json"), config_dict)
-    genotype.save(os.path.join(workdir, "genotype.json"))
-
-
-def _write_json(path, value):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
-
-
-def _save_model(model, path):
-    # Keras insists on the .keras suffix, so the temporary file keeps it.
-    tmp = os.path.join(os.path.dirname(path),
-                       f".tmp-{os.getpid()}-{os.path.basename(path)}")
-    model.save(tmp)
-    os.replace(tmp, path)
-
-
-def _rewrite_metrics(path, start_epoch):
-    """Keeps the metric lines of epochs before ``start_epoch`` (resume)."""
-    if not os.path.exists(path):
-        return
-    with open(path) as f:
-        lines = [line for line in f
-                 if line.strip() and json.loads(line)["epoch"] < start_epoch]
-    with open(path, "w") as f:
-        f.writelines(lines)
+def _reader(workdir):
+    """Reads a train workdir's identity: config.json and genotype.json."""
+    def read(path):
+        genotype = genotypes_lib.Genotype.load(
+            os.path.join(workdir, "genotype.json"))
+        return _identity(files.read_json(path), genotype)
+    return read
 
 
 # ---------------------------------------------------------------------------
 # Steps.
-
-
-def _loss_scale(optimizer):
-    if isinstance(optimizer, keras.optimizers.LossScaleOptimizer):
-        return tf.cast(optimizer.dynamic_scale, tf.float32)
-    return tf.constant(1.0)
 
 
 def _pad_batch(batch_size):
@@ -225,39 +129,41 @@ def _pad_batch(batch_size):
     return pad
 
 
-def make_train_step(model, optimizer, strategy, config):
+def make_train_step(model, sgd, loss_scale, strategy, config):
     """The compiled training step.
 
     Runs in the caller's (cross-replica) context; the returned function
-    calls the per-replica step through ``strategy.run`` and reduces its
-    scalars.
+    calls the per-replica step through ``strategy.run``. Every replica
+    all-reduces its gradients and scalars, so all compute the same update
+    and write it through `optim.assign`.
 
     Args:
         model: a built `DerivedNetwork` created in ``strategy.scope()``.
-        optimizer: a Keras SGD, or a LossScaleOptimizer around one.
+        sgd: an `optim.MomentumSGD` over ``model.trainable_variables``.
+        loss_scale: an `optim.DynamicLossScale` (enabled under
+            ``mixed_float16``).
         strategy: the `tf.distribute.Strategy` the variables live in.
         config: the train config.
 
     Returns:
-        ``step_fn(images, labels, step) -> dict`` of float32 scalars:
+        ``step_fn(images, labels, step, lr) -> dict`` of float32 scalars:
         ``loss`` (total), ``ce``, ``aux_ce``, ``accuracy`` (on the trained
         batch), ``grad_norm`` (before clipping), ``loss_scale`` and
         ``skipped`` (1 if the loss or gradient was NaN/Inf: then nothing,
-        batch-norm statistics included, was changed).
+        batch-norm statistics included, was changed, and a loss scale was
+        halved).
     """
     variables = model.trainable_variables
-    if not optimizer.built:
-        # Slots (and the loss scale) must exist before tracing, in scope.
-        with strategy.scope():
-            optimizer.build(variables)
     aux_weight = float(config.model.auxiliary_weight)
-    weight_decay = float(config.optim.weight_decay)
     clip = float(config.optim.grad_clip)
     adv = config.adv_train
     replicas = strategy.num_replicas_in_sync
     per_replica = config.batch_size // replicas
     num_adv = int(round(adv.ratio * per_replica)) if adv.enabled else 0
     seed = int(config.seed)
+    trainable = {id(v) for v in variables}
+    # What a forward pass writes besides the update: batch-norm statistics.
+    state = [v for v in model.weights if id(v) not in trainable]
 
     scope = runtime.jit_scope(config.jit_compile, replicas)
 
@@ -286,68 +192,53 @@ def make_train_step(model, optimizer, strategy, config):
             # global batch; dividing by the number of replicas makes the
             # sum of the replicas' gradients the gradient of the mean over
             # the global batch, independent of the number of replicas.
-            scaled = optimizer.scale_loss(loss / replicas)
-        grads = tape.gradient(scaled, variables)
-        return loss, ce, aux_ce, objectives.accuracy(logits, labels), grads
+            scaled = loss_scale.scale_loss(loss / replicas)
+        grads = [tf.cast(g, tf.float32)
+                 for g in tape.gradient(scaled, variables)]
+        return (loss, ce, aux_ce, objectives.accuracy(logits, labels),
+                loss_scale.unscale(grads))
 
     if scope == "replica":
         # One XLA program per device; the all-reduce and the update stay
         # outside it (`runtime.jit_scope`).
         replica_grads = runtime.per_replica_xla(replica_grads)
 
-    def replica_step(images, labels, step):
+    def replica_step(images, labels, step, lr):
         # Runs once per replica, inside `strategy.run`.
         ctx = tf.distribute.get_replica_context()
         replica = tf.cast(ctx.replica_id_in_sync_group, tf.int64)
+        saved = [tf.identity(optim.raw_variable(v)) for v in state]
+        values = [tf.identity(optim.raw_variable(v)) for v in variables]
+        scale_used = tf.identity(loss_scale.scale.read_value())
         loss, ce, aux_ce, accuracy, grads = replica_grads(
             images, labels, step, replica)
-        # Clip the global gradient (the sum over replicas), not each
-        # replica's share: all-reduce first.
-        grads = ctx.all_reduce(tf.distribute.ReduceOp.SUM, grads)
-        scale = _loss_scale(optimizer)
-        # With loss scaling the gradients are `scale` times too large; clip
-        # and decay in that unit so the LossScaleOptimizer's unscaling (and
-        # its skip on non-finite gradients) sees consistent values.
-        grads, norm = tf.clip_by_global_norm(grads, clip * scale)
-        # L2 on the gradient after clipping, as torch.optim.SGD applies
-        # weight_decay (not decoupled decay).
-        grads = [g + (weight_decay * scale) * tf.cast(v, g.dtype)
-                 for g, v in zip(grads, variables)]
-        # Keras optimizers sum gradients over replicas once more when
-        # applied in a replica context; pre-divide so the sum is unchanged.
-        if replicas > 1:
-            grads = [g / replicas for g in grads]
-        optimizer.apply(grads, variables)
-        return {
-            "loss": loss, "ce": ce, "aux_ce": aux_ce, "accuracy": accuracy,
-            "grad_norm": norm / scale, "loss_scale": scale,
-        }
+        # The global gradient (the sum over replicas) and the global means
+        # of the scalars, so every replica takes the same decisions.
+        grads, scalars = optim.all_reduce(
+            (grads, [x / replicas for x in (loss, ce, aux_ce, accuracy)]))
+        loss, ce, aux_ce, accuracy = scalars
+        # Clip the global gradient, then L2 in the optimiser, as
+        # torch.optim.SGD(weight_decay=...) after clip_grad_norm.
+        grads, norm = tf.clip_by_global_norm(grads, clip)
+        # The global norm is NaN/Inf iff a gradient entry is: one check.
+        ok = tf.math.is_finite(loss) & tf.math.is_finite(norm)
+        new_values, new_buffers = sgd.updates(values, grads, lr, apply=ok)
+        scale_vars, scale_values = loss_scale.updates(ok)
+        optim.assign(list(variables) + list(sgd.buffers) + scale_vars,
+                     new_values + new_buffers + scale_values)
+        # A skipped step leaves the batch-norm statistics as they were.
+        optim.assign(state, [tf.where(ok, optim.raw_variable(v).read_value(),
+                                      s) for v, s in zip(state, saved)])
+        return {"loss": loss, "ce": ce, "aux_ce": aux_ce,
+                "accuracy": accuracy, "grad_norm": norm,
+                "loss_scale": scale_used,
+                "skipped": 1.0 - tf.cast(ok, tf.float32)}
 
-    # Everything a step writes: weights, batch-norm statistics, optimizer
-    # slots and counters (a loss-scale optimizer's scale included).
-    state = list(model.weights) + list(optimizer.variables)
-    loss_scaled = isinstance(optimizer, keras.optimizers.LossScaleOptimizer)
-
-    def step_fn(images, labels, step):
-        saved = [tf.identity(v.value) for v in state]
-        out = strategy.run(replica_step, args=(images, labels, step))
-        out = {k: strategy.reduce(tf.distribute.ReduceOp.MEAN, v, axis=None)
-               for k, v in out.items()}
-        # A non-finite loss or gradient skips the step: every variable gets
-        # its value from before the step back. (A loss-scale optimizer
-        # already skips overflowing gradients itself and must keep its
-        # halved scale, so there only the loss decides.)
-        ok = tf.math.is_finite(out["loss"])
-        if not loss_scaled:
-            ok = ok & tf.math.is_finite(out["grad_norm"])
-
-        def undo():
-            for v, s in zip(state, saved):
-                v.assign(s)
-            return tf.constant(1.0)
-
-        out["skipped"] = tf.cond(ok, lambda: tf.constant(0.0), undo)
-        return out
+    def step_fn(images, labels, step, lr):
+        out = strategy.run(replica_step, args=(images, labels, step, lr))
+        # Every value was all-reduced inside the replicas: any copy will do.
+        return {k: strategy.experimental_local_results(v)[0]
+                for k, v in out.items()}
 
     return tf.function(step_fn, autograph=False,
                        jit_compile=scope == "step")
@@ -403,7 +294,7 @@ def evaluate_clean(eval_fn, strategy, test, batch_size):
 
 
 def _fingerprint(config, genotype, info):
-    """What decides the checkpointed variables (see `checkpointing`)."""
+    """What decides the checkpointed variables (see `runs.checkpoints`)."""
     return {"genotype": genotype.to_dict(), "dataset": info.name,
             "num_classes": info.num_classes, "image_size": info.image_size,
             "model": config.model.to_dict(),
@@ -414,9 +305,9 @@ def train(config, workdir, *, overwrite=False):
     """Trains ``config.genotype`` from scratch and writes ``workdir``.
 
     Resumes from the latest checkpoint if ``workdir`` holds the same run
-    (same config up to logging fields, same genotype); refuses a workdir
-    holding a different run unless ``overwrite``, which deletes its
-    training outputs first.
+    (same config up to `runs.workdir`'s non-identity fields, same
+    genotype); refuses a workdir holding a different run unless
+    ``overwrite``, which deletes its training outputs first.
 
     Args:
         config: a train config (`config_lib.train_config`).
@@ -427,7 +318,10 @@ def train(config, workdir, *, overwrite=False):
         A dict: ``params`` (without the auxiliary head), ``macs`` (one
         inference forward of one image at the data's size),
         ``best_accuracy``, ``last_accuracy`` (clean test accuracy),
-        ``epochs``, ``steps``, ``image_size``, ``num_classes``, ``workdir``.
+        ``epochs``, ``steps``, ``image_size``, ``num_classes``,
+        ``class_names``, ``workdir``; or, when a signal stopped it,
+        ``stopped`` (the signal's name), ``steps``, ``checkpoint`` and
+        ``workdir``.
 
     Example:
 
@@ -435,31 +329,29 @@ def train(config, workdir, *, overwrite=False):
     >>> config.data.image_size, config.epochs = 16, 1
     >>> train(config, "/tmp/run")["best_accuracy"]  # doctest: +SKIP
     """
-    # The run holds its workdir's lock (checkpointing.WorkdirLock) from
-    # its first write until it returns or raises.
-    with contextlib.ExitStack() as stack:
-        return _train(config, workdir, overwrite=overwrite, stack=stack)
-
-
-def _train(config, workdir, *, overwrite=False, stack):
     _check_config(config)
-    runtime.configure(config)
-    # Before any TensorFlow op: MultiWorkerMirroredStrategy configures the
-    # collective ops, which is possible only at program start.
-    strategy = runtime.make_strategy(config)
     # Every worker of a multi-worker run decides from the chief's workdir;
     # only the chief writes there, the others into scratch directories.
     chief_dir = workdir
     workdir = runtime.output_dir(config, chief_dir)
     genotype = genotypes_lib.get(config.genotype)
-    config_dict = config.to_dict()
     # Refuse a foreign workdir before the slow set-up, but write to it only
     # once the data loaded, so that a config the data rejects can be fixed
     # and rerun in the same workdir.
-    resume, stale = _check_workdir(chief_dir, config_dict, genotype,
-                                   overwrite)
-    if workdir != chief_dir:
-        stale = []
+    claim = workdir_lib.claim(
+        chief_dir, _identity(config.to_dict(), genotype),
+        record="config.json", read=_reader(chief_dir), outputs=OUTPUTS,
+        overwrite=overwrite)
+    with runtime.configured(config):
+        return _train(config, workdir, chief_dir, genotype, claim)
+
+
+def _train(config, workdir, chief_dir, genotype, claim):
+    chief = workdir == chief_dir
+    config_dict = config.to_dict()
+    # Before any TensorFlow op: MultiWorkerMirroredStrategy configures the
+    # collective ops, which is possible only at program start.
+    strategy = runtime.make_strategy(config)
     train_data, test_data, info = data_lib.load(config.data)
 
     replicas = strategy.num_replicas_in_sync
@@ -472,16 +364,11 @@ def _train(config, workdir, *, overwrite=False, stack):
     available = data_lib.steps_per_epoch(len(train_data), config.batch_size,
                                          training=True)
     steps_per_epoch = int(config.steps_per_epoch) or available
-    if steps_per_epoch > available or available == 0:
+    if steps_per_epoch > available:
         raise ValueError(
             f"Expected config.steps_per_epoch <= {available} (batches of "
             f"{config.batch_size} in {len(train_data)} training images). "
             f"Received: steps_per_epoch={config.steps_per_epoch}")
-
-    # From here on the run owns the workdir; no other process may write
-    # it at the same time (the lock is taken before anything is deleted).
-    stack.enter_context(checkpointing.WorkdirLock(workdir))
-    _init_workdir(workdir, config_dict, genotype, stale)
 
     size = info.image_size
     with strategy.scope():
@@ -493,69 +380,66 @@ def _train(config, workdir, *, overwrite=False, stack):
             auxiliary=config.model.auxiliary, mean=info.mean, std=info.std,
             drop_path=0.0, name="derived_network")
         model.build((None, size, size, 3))
-        sgd = keras.optimizers.SGD(learning_rate=config.optim.lr,
-                                   momentum=config.optim.momentum)
-        optimizer = sgd
-        if config.mixed_precision == "mixed_float16":
-            optimizer = keras.optimizers.LossScaleOptimizer(sgd)
-        optimizer.build(model.trainable_variables)
+        sgd = optim.MomentumSGD(model.trainable_variables,
+                                config.optim.momentum,
+                                config.optim.weight_decay)
+        loss_scale = optim.DynamicLossScale(
+            config.mixed_precision == "mixed_float16")
         global_step = tf.Variable(0, dtype=tf.int64, trainable=False,
                                   name="global_step")
+        # Epochs whose end-of-epoch work (evaluation, metrics, models) is
+        # done: a run killed between an epoch's last step and that work
+        # resumes into it.
+        epochs_done = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                  name="epochs_done")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
                            name="best_accuracy")
+
     def run_checkpoint(directory):
-        return checkpointing.RunCheckpoint(
+        return ckpt_lib.RunCheckpoint(
             os.path.join(directory, "checkpoints"),
-            {"model": checkpointing.variables_by_path(model),
-             "optimizer": checkpointing.optimizer_variables(optimizer),
-             "step": global_step, "best_accuracy": best},
+            {"model": ckpt_lib.variables_by_path(model),
+             "optimizer": ckpt_lib.numbered_variables(sgd),
+             "loss_scale": ckpt_lib.numbered_variables(loss_scale),
+             "step": global_step, "epochs_done": epochs_done,
+             "best_accuracy": best},
             fingerprint=_fingerprint(config, genotype, info), max_to_keep=3)
 
-    checkpoint = run_checkpoint(workdir)
-    if resume:
-        # A non-chief worker resumes from the chief's checkpoints.
-        (checkpoint if workdir == chief_dir
-         else run_checkpoint(chief_dir)).restore()
-    start_step = int(global_step.numpy())
-    start_epoch = start_step // steps_per_epoch
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    _rewrite_metrics(metrics_path, start_epoch)
+    with run_lib.Run(workdir, config, scratch=not chief) as run:
+        # From here on the run owns the workdir.
+        if chief:
+            workdir_lib.clear(workdir, claim.stale)
+            os.makedirs(workdir, exist_ok=True)
+            files.write_json(os.path.join(workdir, "config.json"),
+                             config_dict)
+            genotype.save(os.path.join(workdir, "genotype.json"))
+        checkpoint = run_checkpoint(workdir)
+        if claim.resume:
+            # A non-chief worker resumes from the chief's checkpoints.
+            (checkpoint if chief else run_checkpoint(chief_dir)).restore()
+        step = int(global_step.numpy())
+        start_epoch = int(epochs_done.numpy())
+        run.open(keep=(lambda r: r["epoch"] < start_epoch)
+                 if claim.resume else None)
 
-    params = model_lib.count_params(model)
-    macs = model_lib.count_flops(model, size)
-    print(f"e2rnas train: {info.name} {info.num_train}/{info.num_test} "
-          f"images {size}x{size}, {config.model.layers} cells C="
-          f"{config.model.channels}, {params / 1e6:.3f}M params, "
-          f"{macs / 1e6:.1f}M multiply-adds, {replicas} replica(s)"
-          + (f", resuming at epoch {start_epoch + 1}"
-             if start_step and start_epoch < config.epochs else "")
-          + (", already complete" if start_epoch >= config.epochs else ""),
-          flush=True)
+        params = costs.count_params(model)
+        macs = costs.count_inference_macs(model, size)
+        print(f"e2rnas train: {info.name} {info.num_train}/{info.num_test} "
+              f"images {size}x{size}, {config.model.layers} cells C="
+              f"{config.model.channels}, {params / 1e6:.3f}M params, "
+              f"{macs / 1e6:.1f}M multiply-adds, {replicas} replica(s)"
+              + (f", resuming at epoch {start_epoch + 1}"
+                 if step and start_epoch < config.epochs else "")
+              + (", already complete" if start_epoch >= config.epochs
+                 else ""), flush=True)
 
-    train_fn = make_train_step(model, optimizer, strategy, config)
-    eval_fn = make_eval_step(model, strategy, config)
-    tb_dir = os.path.join(workdir, "tb")
-    writer = tf.summary.create_file_writer(tb_dir)
-    tb_lib.write_hparams(writer, config)
-    profile_steps = tb_lib.parse_profile_steps(config.profile_steps)
-    profiler = (tb_lib.profile(tb_dir, *profile_steps) if profile_steps
-                else None)
-    checkpoint_every = int(config.checkpoint_every)
-    log_every = max(int(config.log_every), 1)
-    verbose = 1 if sys.stdout.isatty() else 2
-    step = start_step
-    last = {}
-    skips, preempted = 0, None
-    max_skips = int(config.max_consecutive_skips)
-
-    # SIGTERM (preemption) ends the run after the current step, saved.
-    guard = checkpointing.PreemptionGuard().__enter__()
-    try:
+        train_fn = make_train_step(model, sgd, loss_scale, strategy, config)
+        eval_fn = make_eval_step(model, strategy, config)
+        last = {}
         for epoch in range(start_epoch, config.epochs):
-            lr = cosine_lr(epoch, config.epochs, config.optim.lr,
+            lr = schedules.cosine_lr(epoch, config.epochs, config.optim.lr,
                            config.optim.lr_min)
             rate = drop_path_at(epoch, config.epochs, config.model.drop_path)
-            sgd.learning_rate.assign(lr)
             model.set_drop_path_rate(rate)
             skip = step - epoch * steps_per_epoch
             ds = data_lib.batches(
@@ -566,55 +450,18 @@ def _train(config, workdir, *, overwrite=False, stack):
             ds = strategy.experimental_distribute_dataset(ds)
             print(f"epoch {epoch + 1}/{config.epochs} lr {lr:.5f} "
                   f"drop_path {rate:.3f}", flush=True)
-            bar = keras.utils.Progbar(steps_per_epoch - skip,
-                                      verbose=verbose)
-            sums, count, start = {}, 0, time.time()
-            for images, labels in ds:
-                if profiler:
-                    profiler(step)
-                out = {k: float(v) for k, v in train_fn(
-                    images, labels, tf.constant(step, tf.int64)).items()}
-                step += 1
-                global_step.assign(step)
-                if out["skipped"]:
-                    skips += 1
-                    print(f"step {step} skipped: non-finite loss "
-                          f"{out['loss']} or gradient norm "
-                          f"{out['grad_norm']} ({skips} in a row)",
-                          flush=True)
-                    if skips >= max_skips:
-                        # Nothing of the skipped steps was applied: the
-                        # weights saved here are the last finite ones.
-                        checkpoint.save(step)
-                        raise TrainingDiverged(
-                            f"{skips} consecutive training steps had a "
-                            f"non-finite loss or gradient (epoch "
-                            f"{epoch + 1}, step {step}); the weights "
-                            f"before them are in {checkpoint.latest} "
-                            "(lower optim.lr or check the data)")
-                else:
-                    skips = 0
-                    for k, v in out.items():
-                        sums[k] = sums.get(k, 0.0) + v
-                    count += 1
-                    bar.update(count, [("loss", out["loss"]),
-                                       ("acc", out["accuracy"])])
-                if step % log_every == 0:
-                    with writer.as_default(step=step):
-                        tf.summary.scalar("train_step/loss", out["loss"])
-                        tf.summary.scalar("train_step/accuracy",
-                                          out["accuracy"])
-                if checkpoint_every and step % checkpoint_every == 0:
-                    checkpoint.save(step)
-                if guard.requested:
-                    break
-            if guard.requested and step < (epoch + 1) * steps_per_epoch:
-                # Preempted mid-epoch: the finished steps are saved; the
-                # same command resumes from them. (At the end of an epoch
-                # the epoch is completed first, so its record is kept.)
+            start = time.time()
+            step, sums, count = _train_epoch(
+                run, functools.partial(train_fn, lr=tf.constant(
+                    lr, tf.float32)),
+                ds, steps_per_epoch - skip, step, global_step, checkpoint,
+                config, epoch)
+            if step < (epoch + 1) * steps_per_epoch:
+                # Stopped mid-epoch: the finished steps are saved; the same
+                # command resumes from them.
                 checkpoint.save(step)
-                preempted = guard.requested
-                break
+                return {"stopped": run.stop_requested, "steps": step,
+                        "workdir": workdir, "checkpoint": checkpoint.latest}
             train_time = time.time() - start
             val_loss, val_acc = evaluate_clean(eval_fn, strategy, test_data,
                                                config.eval_batch_size)
@@ -628,47 +475,88 @@ def _train(config, workdir, *, overwrite=False, stack):
             if improved:
                 best.assign(val_acc)
             record["best_test_accuracy"] = float(best.numpy())
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(record) + "\n")
-            with writer.as_default(step=step):
-                for k, v in record.items():
-                    if k not in ("epoch", "step"):
-                        tf.summary.scalar(f"epoch/{k}", v)
-            writer.flush()
-            _save_model(model, os.path.join(workdir, "model_last.keras"))
-            if improved:
-                _save_model(model, os.path.join(workdir, "model_best.keras"))
+            run.metrics.write(record)
+            run.scalars(step, {k: v for k, v in record.items()
+                               if k not in ("epoch", "step")},
+                        prefix="epoch/")
+            run.writer.flush()
+            if chief:
+                files.save_keras(model,
+                                 os.path.join(workdir, "model_last.keras"))
+                if improved:
+                    files.save_keras(
+                        model, os.path.join(workdir, "model_best.keras"))
+            epochs_done.assign(epoch + 1)
             checkpoint.save(step)
-            print(f"  train loss {record.get('train_loss', float('nan')):.4f} "
-                  f"acc {record.get('train_accuracy', float('nan')):.4f} | "
+            print(f"  train loss {record.get('train_loss', float('nan')):.4f}"
+                  f" acc {record.get('train_accuracy', float('nan')):.4f} | "
                   f"test loss {val_loss:.4f} acc {val_acc:.4f} "
                   f"(best {record['best_test_accuracy']:.4f}) "
                   f"{train_time:.1f}s", flush=True)
             last = record
-            if guard.requested and epoch + 1 < config.epochs:
-                preempted = guard.requested
-                break
-    finally:
-        guard.__exit__()
-        # A run that stops early still closes its trace.
-        if profiler:
-            profiler.stop()
-        writer.flush()
-    if preempted:
-        return {"preempted": preempted, "steps": step, "workdir": workdir,
-                "checkpoint": checkpoint.latest}
-    if not last:  # already finished: report the last recorded epoch
-        with open(metrics_path) as f:
-            lines = [json.loads(line) for line in f if line.strip()]
-        last = lines[-1] if lines else {"test_accuracy": float("nan")}
-    summary = {"params": params, "macs": macs,
-               "best_accuracy": float(best.numpy()),
-               "last_accuracy": float(last["test_accuracy"]),
-               "epochs": int(config.epochs), "steps": step,
-               "image_size": size, "num_classes": info.num_classes,
-               "class_names": list(info.class_names), "workdir": workdir}
-    _write_json(os.path.join(workdir, "summary.json"), summary)
-    return summary
+            if run.stop_requested and epoch + 1 < config.epochs:
+                return {"stopped": run.stop_requested, "steps": step,
+                        "workdir": workdir, "checkpoint": checkpoint.latest}
+        if not last:  # already finished: report the last recorded epoch
+            records = metrics_lib.read(os.path.join(workdir,
+                                                    "metrics.jsonl"))
+            last = records[-1] if records else {"test_accuracy": float("nan")}
+        summary = {"params": params, "macs": macs,
+                   "best_accuracy": float(best.numpy()),
+                   "last_accuracy": float(last["test_accuracy"]),
+                   "epochs": int(config.epochs), "steps": step,
+                   "image_size": size, "num_classes": info.num_classes,
+                   "class_names": list(info.class_names), "workdir": workdir}
+        if chief:
+            files.write_json(os.path.join(workdir, "summary.json"), summary)
+        return summary
+
+
+def _train_epoch(run, train_fn, ds, steps, step, global_step, checkpoint,
+                 config, epoch):
+    """One epoch's steps; returns ``(step, sums, count)``. Stops early
+    (``step`` short of the epoch's end) when the run is asked to stop."""
+    verbose = 1 if sys.stdout.isatty() else 2
+    bar = keras.utils.Progbar(steps, verbose=verbose)
+    log_every = max(int(config.log_every), 1)
+    checkpoint_every = int(config.checkpoint_every)
+    sums, count, taken = {}, 0, 0
+    for images, labels in ds:
+        with run.trace(step):
+            out = {k: float(v) for k, v in train_fn(
+                images, labels, tf.constant(step, tf.int64)).items()}
+        step += 1
+        taken += 1
+        global_step.assign(step)
+        skips = run.count_skip(out["skipped"])
+        if out["skipped"]:
+            print(f"step {step} skipped: non-finite loss {out['loss']} or "
+                  f"gradient norm {out['grad_norm']} ({skips} in a row)",
+                  flush=True)
+            if skips >= run.skip_limit:
+                # Nothing of the skipped steps was applied: the weights
+                # saved here are the last finite ones.
+                checkpoint.save(step)
+                raise TrainingDiverged(
+                    f"{skips} consecutive training steps had a non-finite "
+                    f"loss or gradient (epoch {epoch + 1}, step {step}); the "
+                    f"weights before them are in {checkpoint.latest} (lower "
+                    "optim.lr or check the data)")
+        else:
+            for k, v in out.items():
+                sums[k] = sums.get(k, 0.0) + v
+            count += 1
+            bar.update(count, [("loss", out["loss"]),
+                               ("acc", out["accuracy"])])
+        if step % log_every == 0:
+            run.scalars(step, {"loss": out["loss"],
+                               "accuracy": out["accuracy"]},
+                        prefix="train_step/")
+        if checkpoint_every and step % checkpoint_every == 0:
+            checkpoint.save(step)
+        if run.stop_requested and taken < steps:
+            break
+    return step, sums, count
 
 
 def main(config, args):
@@ -682,12 +570,12 @@ def main(config, args):
         # replaces config.genotype, and is recorded as such.
         config.genotype = args.genotype
     summary = train(config, args.workdir, overwrite=args.overwrite)
-    if summary.get("preempted"):
-        print(f"e2rnas train: stopped by {summary['preempted']} after step "
+    if summary.get("stopped"):
+        print(f"e2rnas train: stopped by {summary['stopped']} after step "
               f"{summary['steps']}; checkpoint {summary['checkpoint']} "
               "saved. Resume by running the same command again.",
               flush=True)
-        return 0
+        return run_lib.EXIT_CODES.get(summary["stopped"], 1)
     print(f"e2rnas train: best test accuracy {summary['best_accuracy']:.4f}, "
           f"last {summary['last_accuracy']:.4f}; {summary['params']:,} "
           f"parameters, {summary['macs']:,} multiply-adds; outputs in "

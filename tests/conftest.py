@@ -22,16 +22,3 @@ def subprocess_env():
             p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
     )
     return env
-
-
-@pytest.fixture(autouse=True)
-def _no_leaked_op_determinism():
-    """A test that runs a deterministic run in-process turns TF's op
-    determinism on for the whole process; later tests in the same worker
-    (XLA ones in particular: no deterministic XLA max-pool gradient) must
-    not inherit it."""
-    yield
-    from tensorflow.python.framework import config as tf_config
-
-    if tf_config.is_op_determinism_enabled():
-        tf_config.disable_op_determinism()

@@ -323,10 +323,10 @@ def _cases(tmp):
         # Workdirs of other runs.
         ("train into another run's workdir",
          train + [f"--workdir={tmp / 'good'}", "--config.optim.lr=0.5"],
-         "holds a different run"),
+         "holds another run (optim.lr:"),
         ("search into a train workdir",
          ["search", f"--workdir={tmp / 'good'}"] + SEARCH,
-         "different config.json"),
+         "holds another run ("),
         ("workdir is a file", ["search", f"--workdir={tmp / 'afile'}"]
          + SEARCH, "is not a directory"),
         # Checkpoints.

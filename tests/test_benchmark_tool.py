@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from e2rnas_tf import costs
 from e2rnas_tf import objectives
 
 _TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
@@ -146,7 +147,7 @@ def test_pgd_on_a_derived_network_matches_the_library_mac_count():
     net = model_lib.DerivedNetwork("E2RNAS", channels=4, num_classes=10,
                                    layers=3)
     net.build((None, 8, 8, 3))
-    macs = model_lib.count_flops(net, 8)
+    macs = costs.count_inference_macs(net, 8)
 
     def attack(x):
         return objectives.pgd(lambda z: net(z, training=False), x,

@@ -1,5 +1,5 @@
 """Damaged ``.keras`` files given to ``e2rnas evaluate`` / ``e2rnas export``
-(`export.load_checkpoint`) fail with one line that says what is wrong with
+(`runs.checkpoints.load_model_file`) fail with one line that says what is wrong with
 the file (Keras itself says "File not found" for most of them)."""
 
 import io
@@ -14,6 +14,7 @@ from e2rnas_tf import cli
 from e2rnas_tf import config_lib
 from e2rnas_tf import evaluate
 from e2rnas_tf import export as export_lib
+from e2rnas_tf.runs import checkpoints as ckpt_lib
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +91,7 @@ CASES = {
 
 def test_the_good_file_loads(good):
     path, _, model = good
-    loaded = export_lib.load_checkpoint(str(path))
+    loaded = ckpt_lib.load_model_file(str(path))
     x = np.random.default_rng(0).random((2, 4, 4, 3)).astype(np.float32)
     np.testing.assert_array_equal(loaded(x).numpy(), model(x).numpy())
 
@@ -101,8 +102,8 @@ def test_damaged_keras_file_gets_a_specific_line(good, tmp_path, case):
     damage, reason = CASES[case]
     path = tmp_path / f"{case}.keras"
     path.write_bytes(damage(raw))
-    with pytest.raises(export_lib.ExportError) as error:
-        export_lib.load_checkpoint(str(path))
+    with pytest.raises(ckpt_lib.ModelFileError) as error:
+        ckpt_lib.load_model_file(str(path))
     message = str(error.value)
     assert message.startswith(f"{path} is not a loadable Keras model file: ")
     assert reason in message, message

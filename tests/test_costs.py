@@ -112,6 +112,8 @@ def test_count_params():
     assert costs.count_params(bn) == 0
     # A variable list is counted as given (non-trainable ones included).
     assert costs.count_params(bn.weights) == 10
+    assert costs.count_params([tf.zeros([2, 3]), tf.zeros([4])]) == 10
+    assert costs.count_params([]) == 0
     sep = ops.make_op("sep_conv_3x3", 8, 1, affine=True)
     sep.build((None, 4, 4, 8))
     assert costs.count_params(sep) == 2 * (9 * 8 + 8 * 8 + 2 * 8)

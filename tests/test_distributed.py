@@ -160,10 +160,10 @@ def run_search(strategy, config, ghost_groups, init_from=None, steps=STEPS):
 def run_train(strategy, config, ghost_groups, init_from=None):
     """A DerivedNetwork trained for STEPS steps by train.make_train_step;
     returns (model, its initial snapshot, per-step metric dicts)."""
-    import keras
     import tensorflow as tf
 
     from e2rnas_tf import model as model_lib
+    from e2rnas_tf import optim
     from e2rnas_tf import train as train_lib
 
     with strategy.scope():
@@ -171,9 +171,10 @@ def run_train(strategy, config, ghost_groups, init_from=None):
             "DARTS_V2", channels=4, num_classes=10, layers=3,
             name="derived_network")
         model.build((None, 8, 8, 3))
-        optimizer = keras.optimizers.SGD(learning_rate=config.optim.lr,
-                                         momentum=config.optim.momentum)
-        optimizer.build(model.trainable_variables)
+        sgd = optim.MomentumSGD(model.trainable_variables,
+                                config.optim.momentum,
+                                config.optim.weight_decay)
+        loss_scale = optim.DynamicLossScale(False)
     if init_from is not None:
         restore(init_from, model)
     init = snapshot(model)
@@ -187,14 +188,16 @@ def run_train(strategy, config, ghost_groups, init_from=None):
             def __getattr__(self, name):
                 return getattr(model, name)
         target = Ghost()
-    step_fn = train_lib.make_train_step(target, optimizer, strategy, config)
+    step_fn = train_lib.make_train_step(target, sgd, loss_scale, strategy,
+                                        config)
     metrics = []
     for i, (images, labels) in enumerate(batches(3)):
         if strategy.num_replicas_in_sync > 1:
             ds = tf.data.Dataset.from_tensors((images, labels))
             images, labels = next(iter(
                 strategy.experimental_distribute_dataset(ds)))
-        out = step_fn(images, labels, tf.constant(i, tf.int64))
+        out = step_fn(images, labels, tf.constant(i, tf.int64),
+                      tf.constant(config.optim.lr, tf.float32))
         metrics.append({k: float(v) for k, v in out.items()})
     return model, init, metrics
 
@@ -207,7 +210,8 @@ def mirrored_main():
 
     cfg = search_config(**{"strategy.name": "mirrored",
                            "strategy.cpu_devices": 2})
-    runtime.configure(cfg)
+    # A fresh process: its set-up holds until it exits.
+    runtime.configured(cfg).__enter__()
     mirrored = runtime.make_strategy(cfg)
     assert mirrored.num_replicas_in_sync == 2, mirrored.extended.worker_devices
     single = tf.distribute.get_strategy()
@@ -287,7 +291,8 @@ def mirrored_xla_main():
     overrides = {"strategy.name": "mirrored", "strategy.cpu_devices": 2,
                  "jit_compile": True}
     cfg = search_config(**overrides, **{"arch.order": "second"})
-    runtime.configure(cfg)
+    # A fresh process: its set-up holds until it exits.
+    runtime.configured(cfg).__enter__()
     mirrored = runtime.make_strategy(cfg)
     assert mirrored.num_replicas_in_sync == 2
     single = tf.distribute.get_strategy()
@@ -339,7 +344,8 @@ def worker_main(workdir):
     from e2rnas_tf import runtime
 
     cfg = search_config(**{"strategy.name": "multi_worker"})
-    runtime.configure(cfg)
+    # A fresh process: its set-up holds until it exits.
+    runtime.configured(cfg).__enter__()
     strategy = runtime.make_strategy(cfg)
     assert strategy.num_replicas_in_sync == 2
     net, init, metrics, alphas = run_search(strategy, cfg, 1,

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from e2rnas_tf import costs
 from e2rnas_tf import cli
 from e2rnas_tf import config_lib
 from e2rnas_tf import evaluate
@@ -365,9 +366,9 @@ def test_evaluate_command_end_to_end(tmp_path):
     assert report["checkpoint"] == str(run / "model_best.keras")
     assert report["num_examples"] == 12
     assert report["dataset"] == "embedded" and report["num_classes"] == 10
-    assert report["params"] == model_lib.count_params(net, exclude_aux=True)
+    assert report["params"] == costs.count_params(net)
     if "flops" in report:
-        assert report["flops"] == model_lib.count_flops(net, 8)
+        assert report["flops"] == costs.count_inference_macs(net, 8)
     else:
         assert report["flops_note"].startswith("FLOPs omitted")
     assert report["genotype"] == genotypes.get("E2RNAS").to_dict()
@@ -382,7 +383,7 @@ def test_evaluate_command_end_to_end(tmp_path):
     table = (tmp_path / "out" / "evaluation.md").read_text()
     assert "| attack | eps=2/255 | eps=8/255 |" in table
     pgd = 100 * report["robust_accuracy"]["pgd"]["8"]
-    assert f"| PGD-2 | " in table and f"{pgd:.2f} |" in table
+    assert "| PGD-2 | " in table and f"{pgd:.2f} |" in table
     assert "warning" not in report
     # Without --workdir the files go next to the checkpoint; data other
     # than the run's are reported.

@@ -13,7 +13,8 @@ from e2rnas_tf import cli
 from e2rnas_tf import config_lib
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import evaluate
-from e2rnas_tf import export as export_lib
+from e2rnas_tf.runs import checkpoints as ckpt_lib
+from e2rnas_tf.runs import workdir as workdir_lib
 from tests.config_util import set_fields
 
 
@@ -64,7 +65,6 @@ def test_another_evaluation_is_refused_and_kept(checkpoint, tmp_path,
 
     other = str(tmp_path / "other.keras")
     shutil.copy(checkpoint, other)
-    report = str(out / "evaluation.json")
     cases = [
         (_config(**{"evaluate.epsilons": (8.0,)}), checkpoint,
          "evaluate_config.epsilons: [2.0] there, [8.0] here"),
@@ -78,12 +78,12 @@ def test_another_evaluation_is_refused_and_kept(checkpoint, tmp_path,
         (_config(seed=3), checkpoint, "seed: 0 there, 3 here"),
     ]
     with monkeypatch.context() as patch:
-        patch.setattr(export_lib, "load_checkpoint", no_load)
+        patch.setattr(ckpt_lib, "load_model_file", no_load)
         for config, path, difference in cases:
-            with pytest.raises(evaluate.EvaluationError) as error:
+            with pytest.raises(workdir_lib.WorkdirError) as error:
                 evaluate.evaluate(config, path, str(out), log=_quiet)
             message = str(error.value)
-            assert message.startswith(f"{report} holds another evaluation (")
+            assert message.startswith(f"{out} holds another evaluation (")
             assert difference in message, message
             assert message.endswith("pass --overwrite to replace it or "
                                     "choose another --workdir")
@@ -95,7 +95,7 @@ def test_another_evaluation_is_refused_and_kept(checkpoint, tmp_path,
                     genotype=None, checkpoint=checkpoint, export_base=None,
                     model_name="e2rnas", output=None, extra=())
     eight = _config(**{"evaluate.epsilons": (8.0,)})
-    with pytest.raises(evaluate.EvaluationError, match="--overwrite"):
+    with pytest.raises(workdir_lib.WorkdirError, match="--overwrite"):
         evaluate.main(eight, args)
     assert _files(out) == before
     args = cli.Args(**{**args.__dict__, "overwrite": True})
@@ -190,10 +190,10 @@ def test_an_unreadable_report_is_refused(checkpoint, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "evaluation.json").write_text("{cut short")
-    with pytest.raises(evaluate.EvaluationError) as error:
+    with pytest.raises(workdir_lib.WorkdirError) as error:
         evaluate.evaluate(_config(), checkpoint, str(out), log=_quiet)
     assert str(error.value).startswith(
-        f"{out / 'evaluation.json'} exists and is not a readable evaluation "
+        f"{out / 'evaluation.json'} exists and is not readable "
         "(Expecting property name")
     assert "--overwrite" in str(error.value)
     assert (out / "evaluation.json").read_text() == "{cut short"

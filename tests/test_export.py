@@ -15,9 +15,11 @@ from google.protobuf import text_format
 from PIL import Image
 from tensorflow_serving.config import model_server_config_pb2
 
+from e2rnas_tf import costs
 from e2rnas_tf import cli
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import export as export_lib
+from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf import genotypes
 from e2rnas_tf import model as model_lib
 
@@ -441,15 +443,15 @@ def test_unwritable_export_base(tmp_path, tiny):
 
 def test_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
-        export_lib.resolve_checkpoint(str(tmp_path / "missing.keras"))
+        ckpt_lib.resolve_model_file(str(tmp_path / "missing.keras"))
     (tmp_path / "notes.txt").write_text("x")
     with pytest.raises(ValueError, match="Expected a .keras"):
-        export_lib.resolve_checkpoint(str(tmp_path / "notes.txt"))
+        ckpt_lib.resolve_model_file(str(tmp_path / "notes.txt"))
     with pytest.raises(ValueError, match="model_best.keras"):
-        export_lib.resolve_checkpoint(str(tmp_path))
+        ckpt_lib.resolve_model_file(str(tmp_path))
     (tmp_path / "broken.keras").write_text("not a zip")
     with pytest.raises(ValueError, match="not a loadable"):
-        export_lib.load_checkpoint(str(tmp_path / "broken.keras"))
+        ckpt_lib.load_model_file(str(tmp_path / "broken.keras"))
 
 
 def _args(**kw):
@@ -525,7 +527,7 @@ def test_params_without_run_files_exclude_aux_head(tmp_path, tiny):
     model = tiny
     path = tmp_path / "m.keras"
     meta = export_lib.checkpoint_metadata(str(path), model)
-    assert meta["params"] == model_lib.count_params(model)
+    assert meta["params"] == costs.count_params(model)
     assert meta["params"] < sum(int(np.prod(v.shape))
                                 for v in model.trainable_variables)
     assert meta["genotype"] == model.genotype.to_dict()

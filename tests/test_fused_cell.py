@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from e2rnas_tf import costs
+from e2rnas_tf import topology
 from e2rnas_tf import fused_cell
 from e2rnas_tf import ops
 from e2rnas_tf import search_space
@@ -37,7 +39,7 @@ def _pair(reduction, reduction_prev, primitives=ops.PRIMITIVES, size=7,
     ref = search_space.SearchCell(C, **kwargs)
     fused = fused_cell.FusedSearchCell(C, edge_layout=edge_layout, **kwargs)
     s0, s1 = _inputs(reduction_prev, size, 0)
-    weights = tf.fill([search_space.num_edges(steps), len(primitives)], 0.1)
+    weights = tf.fill([topology.num_edges(steps), len(primitives)], 0.1)
     ref(s0, s1, weights)
     fused(s0, s1, weights)
     fused_cell.load_from_reference(fused, ref)
@@ -46,7 +48,7 @@ def _pair(reduction, reduction_prev, primitives=ops.PRIMITIVES, size=7,
 
 def _alpha(steps, primitives, seed=3):
     return tf.Variable(tf.random.stateless_normal(
-        [search_space.num_edges(steps), len(primitives)], [seed, 0]))
+        [topology.num_edges(steps), len(primitives)], [seed, 0]))
 
 
 def _outputs_and_grads(cell, s0, s1, alpha, cotangent, training):
@@ -163,7 +165,7 @@ def test_same_trainable_parameter_count():
             cell = cls(C, reduction, reduction_prev)
             s0, s1 = _inputs(reduction_prev, 7, 0)
             cell.build(s0.shape, s1.shape)
-            counts.append(search_space.count_params(cell.trainable_variables))
+            counts.append(costs.count_params(cell.trainable_variables))
         # Per edge: sep convs 2 * (k * k * C + C * C), dil convs
         # k * k * C + C * C, FactorizedReduce C * C; preprocessing 1x1s.
         per_edge = (2 * (9 * C + C * C) + 2 * (25 * C + C * C)
@@ -244,7 +246,7 @@ def test_state_plan_covers_every_edge_once():
                 assert stride == (2 if reduction and j < 2 else 1)
                 for i, e in zip(targets, edges):
                     seen[e] = (i, j)
-            expected = dict(enumerate(search_space.edge_inputs(steps)))
+            expected = dict(enumerate(topology.edge_inputs(steps)))
             assert seen == expected
 
 
@@ -360,8 +362,8 @@ def test_network_of_fused_cells_matches_reference_network():
     # Checkpointing by variable path (as train.py does) needs unique paths.
     paths = [v.path for v in fused.weights]
     assert len(set(paths)) == len(paths)
-    assert (search_space.count_params(fused.weight_variables)
-            == search_space.count_params(ref.weight_variables))
+    assert (costs.count_params(fused.weight_variables)
+            == costs.count_params(ref.weight_variables))
 
     def loss_and_grads(net):
         with tf.GradientTape() as tape:

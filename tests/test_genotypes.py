@@ -285,7 +285,7 @@ def test_genotype_error_is_a_value_error():
 def test_load_errors_name_the_file(tmp_path):
     missing = str(tmp_path / "nope.json")
     with pytest.raises(gt.GenotypeError, match="Cannot read genotype file "
-                       f".*nope.json.*No such file"):
+                       ".*nope.json.*No such file"):
         gt.Genotype.load(missing)
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps(data(normal_concat=[9])))

@@ -1,6 +1,6 @@
 """Reliability: complete checkpoints, resume, preemption, faults.
 
-Unit tests of `e2rnas_tf.checkpointing` on tiny Keras models, then runs of
+Unit tests of `e2rnas_tf.runs.checkpoints` on tiny Keras models, then runs of
 ``e2rnas train`` / ``e2rnas search`` as real subprocesses that are sent
 SIGTERM or SIGKILL and resumed; with ``config.deterministic`` the resumed
 run must end bit-identical to an uninterrupted one.
@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import checkpointing
+from e2rnas_tf.runs import checkpoints as checkpointing
+from e2rnas_tf.runs import context as run_context
 from e2rnas_tf import config_lib
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import train as train_lib
@@ -60,7 +61,7 @@ def _state(model, optimizer):
 def _make_ckpt(directory, model, optimizer, step, **kwargs):
     return checkpointing.RunCheckpoint(
         directory, {"model": checkpointing.variables_by_path(model),
-                    "optimizer": checkpointing.optimizer_variables(optimizer),
+                    "optimizer": checkpointing.numbered_variables(optimizer),
                     "step": step}, **kwargs)
 
 
@@ -133,10 +134,10 @@ def test_a_crash_before_the_manifest_keeps_the_previous(tmp_path,
     ckpt = _make_ckpt(tmp_path, model, opt, step)
     ckpt.save(1)
 
-    def crash(path, value):
+    def crash(path, value, **kwargs):
         raise KeyboardInterrupt("killed")
 
-    monkeypatch.setattr(checkpointing, "_write_json_atomic", crash)
+    monkeypatch.setattr(checkpointing.files_lib, "write_json", crash)
     step.assign(2)
     with pytest.raises(KeyboardInterrupt):
         ckpt.save(2)
@@ -206,14 +207,23 @@ def test_another_configuration_is_refused(tmp_path):
                                 "objectives": ["acc"]}).restore()
 
 
-def test_preemption_guard_turns_sigterm_into_a_flag():
-    previous = signal.getsignal(signal.SIGTERM)
-    with checkpointing.PreemptionGuard() as guard:
+def test_preemption_guard_turns_signals_into_a_flag():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM,
+                                                 signal.SIGINT)}
+    with run_context.PreemptionGuard() as guard:
         assert guard.requested is None
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(0.01)
         assert guard.requested == "SIGTERM"
-    assert signal.getsignal(signal.SIGTERM) is previous
+    with run_context.PreemptionGuard() as guard:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.01)
+        assert guard.requested == "SIGINT"
+        # A second Ctrl-C does not wait for the step boundary.
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.01)
+    assert {s: signal.getsignal(s) for s in previous} == previous
 
 
 # ---------------------------------------------------------------------------

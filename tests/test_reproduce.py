@@ -13,6 +13,7 @@ import pytest
 from e2rnas_tf import config_lib
 from e2rnas_tf import pipeline
 from e2rnas_tf import reproduce
+from e2rnas_tf.runs import workdir as workdir_lib
 from tests.conftest import REPO
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -143,7 +144,9 @@ def test_run_stage_reuses_refuses_and_overwrites(tmp_path):
     assert pipeline.run_stage(d, cfg, fn, log=lambda *a: None) == {"value": 1}
     assert len(calls) == 1
     other = ml_collections.ConfigDict({"a": 2})
-    with pytest.raises(pipeline.PipelineError, match="different config"):
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match=r"holds another finished stage \(a: 1 there, 2 "
+                             r"here\); pass --overwrite"):
         pipeline.run_stage(d, other, fn, log=lambda *a: None)
     assert len(calls) == 1
     with open(os.path.join(d, "stage.json")) as f:

@@ -7,6 +7,7 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import costs
+from e2rnas_tf import topology
 from e2rnas_tf import genotypes
 from e2rnas_tf import ops
 from e2rnas_tf import resources
@@ -59,7 +60,7 @@ def test_flops_table_against_hand_formulas():
     t = resources.measured_table("flops", channels=4, layers=3,
                                   num_classes=10, image_size=8)
     p = ops.PRIMITIVES.index
-    edges = search_space.edge_inputs(4)
+    edges = topology.edge_inputs(4)
     e_in, e_mid = edges.index((0, 1)), edges.index((2, 3))
     m = 1e6
     assert t.normal[e_in, p("sep_conv_3x3")] * m == pytest.approx(
@@ -102,7 +103,7 @@ def test_params_table_one_hot_and_const():
     counted = 0
     for cell in net.cells:
         choice = choice_r if cell.reduction else choice_n
-        for e, (_, j) in enumerate(search_space.edge_inputs(4)):
+        for e, (_, j) in enumerate(topology.edge_inputs(4)):
             stride = 2 if cell.reduction and j < 2 else 1
             op = ops.make_op(ops.PRIMITIVES[choice[e]], cell.channels, stride,
                              affine=True)

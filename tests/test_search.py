@@ -21,6 +21,7 @@ from e2rnas_tf import objectives as obj_lib
 from e2rnas_tf import resources
 from e2rnas_tf import search
 from e2rnas_tf import search_step as step_lib
+from e2rnas_tf.runs import metrics
 from e2rnas_tf.search_space import SearchNetwork
 from tests.config_util import set_fields
 
@@ -519,7 +520,7 @@ def test_cli_end_to_end(tmp_path):
     before = open(os.path.join(workdir, "config.json")).read()
     result = run_cli(*flags, "--config.seed=1")
     assert result.returncode == 2
-    assert "different config.json" in result.stderr
+    assert "holds another run (seed: 0 there, 1 here)" in result.stderr
     assert "--overwrite" in result.stderr
     assert open(os.path.join(workdir, "config.json")).read() == before
 
@@ -560,8 +561,6 @@ def _check_search_tensorboard(tb_dir, steps):
 
 def test_resume_drops_metric_lines_after_the_checkpoint(tmp_path):
     # A run killed between checkpoints wrote lines the resumed run repeats.
-    from e2rnas_tf import search
-
     path = tmp_path / "metrics.jsonl"
     lines = [{"kind": "step", "step": s, "epoch": 1 + (s - 1) // 3}
              for s in range(1, 8)]
@@ -569,7 +568,7 @@ def test_resume_drops_metric_lines_after_the_checkpoint(tmp_path):
     lines.insert(7, {"kind": "epoch", "epoch": 2})
     path.write_text("".join(json.dumps(r) + "\n" for r in lines)
                     + '{"kind": "step", "st')  # cut short by the kill
-    search._truncate_metrics(str(path), last_step=4, last_epoch=1)
+    metrics.MetricsLog(str(path), keep=search.covered(4, 1)).close()
     kept = [json.loads(line) for line in path.read_text().splitlines()]
     assert kept == [r for r in lines if (r["kind"] == "step" and r["step"] <= 4)
                     or (r["kind"] == "epoch" and r["epoch"] <= 1)]

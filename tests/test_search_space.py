@@ -10,6 +10,7 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import ops
+from e2rnas_tf import topology
 from e2rnas_tf import search_space as ss
 from layer_test_util import (check_layer, count, mixed_op_counts,
                              search_cell_counts, search_network_counts)
@@ -35,26 +36,6 @@ def call_op(op, x, training):
 
 # ---------------------------------------------------------------------------
 # Helpers.
-
-
-def test_num_edges_and_edge_inputs():
-    assert ss.num_edges(4) == 14
-    assert ss.num_edges(1) == 2
-    assert ss.edge_inputs(2) == [(0, 0), (0, 1), (1, 0), (1, 1), (1, 2)]
-    assert len(ss.edge_inputs(4)) == 14
-    assert ss.edge_inputs(4)[-1] == (3, 4)
-
-
-def test_reduction_layers():
-    assert ss.reduction_layers(3) == [1, 2]
-    assert ss.reduction_layers(5) == [1, 3]
-    assert ss.reduction_layers(8) == [2, 5]
-    assert ss.reduction_layers(20) == [6, 13]
-
-
-def test_count_params():
-    assert ss.count_params([tf.zeros([2, 3]), tf.zeros([4])]) == 10
-    assert ss.count_params([]) == 0
 
 
 # ---------------------------------------------------------------------------
@@ -164,7 +145,7 @@ def test_search_cell_layer(case):
     # Two nodes (5 edges) keep this fast; the network tests use four.
     reduction, reduction_prev, s0, s1, out = CELL_CASES[case]
     c, steps = 4, 2
-    w = softmax(rand(ss.num_edges(steps), len(PRIMS), seed=1))
+    w = softmax(rand(topology.num_edges(steps), len(PRIMS), seed=1))
     trainable, non_trainable = search_cell_counts(
         c, s0[-1], s1[-1], reduction, PRIMS, steps=steps)
     check_layer(
@@ -194,7 +175,7 @@ def test_search_cell_output_is_concat_of_last_nodes():
     cell = ss.SearchCell(2, steps=3, multiplier=2,
                          primitives=("skip_connect",))
     s0, s1 = rand(1, 5, 5, 3, seed=1), rand(1, 5, 5, 3, seed=2)
-    y = cell(s0, s1, tf.ones([ss.num_edges(3), 1])).numpy()
+    y = cell(s0, s1, tf.ones([topology.num_edges(3), 1])).numpy()
     p0 = cell.preprocess0(s0).numpy()
     p1 = cell.preprocess1(s1).numpy()
     n0 = p0 + p1

@@ -1,6 +1,5 @@
 """`e2rnas sweep`: the Pareto front and the export of its models."""
 
-import itertools
 import json
 import os
 import subprocess

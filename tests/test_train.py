@@ -13,11 +13,14 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
+from e2rnas_tf import costs
 from e2rnas_tf import config_lib
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import genotypes
 from e2rnas_tf import model as model_lib
+from e2rnas_tf import optim
 from e2rnas_tf import train as train_lib
+from e2rnas_tf.runs import workdir as workdir_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -41,15 +44,6 @@ def get_config():
     c.lock()
     return c
 '''
-
-
-def test_cosine_lr():
-    assert train_lib.cosine_lr(0, 600, 0.025) == pytest.approx(0.025)
-    assert train_lib.cosine_lr(300, 600, 0.025) == pytest.approx(0.0125)
-    assert train_lib.cosine_lr(600, 600, 0.025, 0.001) == pytest.approx(0.001)
-    lrs = [train_lib.cosine_lr(e, 10, 0.1) for e in range(10)]
-    assert all(a > b for a, b in zip(lrs, lrs[1:]))
-    assert lrs[3] == pytest.approx(0.05 * (1 + math.cos(math.pi * 0.3)))
 
 
 def test_drop_path_schedule():
@@ -83,8 +77,8 @@ def test_train_step_matches_clipped_l2_sgd():
     config = _step_config()
     net = _tiny_net()
     strategy = tf.distribute.get_strategy()
-    optimizer = keras.optimizers.SGD(learning_rate=config.optim.lr,
-                                     momentum=0.0)
+    sgd = optim.MomentumSGD(net.trainable_variables, 0.0,
+                            config.optim.weight_decay)
     images = tf.random.stateless_uniform([8, 8, 8, 3], seed=[0, 1])
     labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2])
     weights = [v.numpy().copy() for v in net.trainable_variables]
@@ -103,8 +97,10 @@ def test_train_step_matches_clipped_l2_sgd():
     expected = [w - 0.05 * (g * factor + 0.01 * w)
                 for w, g in zip(weights, grads)]
 
-    step = train_lib.make_train_step(net, optimizer, strategy, config)
-    out = step(images, labels, tf.constant(0, tf.int64))
+    step = train_lib.make_train_step(net, sgd, optim.DynamicLossScale(False),
+                                     strategy, config)
+    out = step(images, labels, tf.constant(0, tf.int64),
+               tf.constant(config.optim.lr))
     assert set(out) == {"loss", "ce", "aux_ce", "accuracy", "grad_norm",
                         "loss_scale", "skipped"}
     assert float(out["skipped"]) == 0.0
@@ -119,13 +115,13 @@ def test_adversarial_train_step_runs_and_changes_weights():
     config = _step_config(enabled=True, ratio=0.5)
     config.adv_train.attack.update(name="pgd", eps=8.0, steps=2)
     net = _tiny_net()
-    optimizer = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
     step = train_lib.make_train_step(
-        net, optimizer, tf.distribute.get_strategy(), config)
+        net, optim.MomentumSGD(net.trainable_variables, 0.9, 3e-4),
+        optim.DynamicLossScale(False), tf.distribute.get_strategy(), config)
     images = tf.random.stateless_uniform([8, 8, 8, 3], seed=[0, 2])
     labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2])
     before = [v.numpy().copy() for v in net.trainable_variables]
-    out = step(images, labels, tf.constant(3, tf.int64))
+    out = step(images, labels, tf.constant(3, tf.int64), tf.constant(0.05))
     assert np.isfinite(float(out["loss"]))
     assert any(not np.array_equal(b, v.numpy())
                for b, v in zip(before, net.trainable_variables))
@@ -189,7 +185,7 @@ def test_cli_train_writes_the_run(tiny_run):
     assert accuracy == pytest.approx(records[-1]["test_accuracy"])
 
     summary = json.loads((workdir / "summary.json").read_text())
-    assert summary["params"] == model_lib.count_params(model)
+    assert summary["params"] == costs.count_params(model)
     assert summary["steps"] == 4
     # What `e2rnas export` names the served classes with.
     assert summary["class_names"] == list(info.class_names)
@@ -202,30 +198,46 @@ def test_cli_train_refuses_a_different_run(tiny_run):
     result = _run(workdir, config_path, "--config.optim.lr=0.1")
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
-    assert lines[-1].startswith("e2rnas train: error: Workdir")
+    assert lines[-1].startswith(f"e2rnas train: error: {workdir} holds "
+                                "another run (optim.lr: 0.025 there, 0.1 "
+                                "here)")
     assert "--overwrite" in lines[-1]
     assert (workdir / "metrics.jsonl").read_text() == before
 
 
 def test_workdir_identity(tiny_run, tmp_path):
+    """A train run's identity: its config up to the non-identity fields,
+    and its genotype (runs.workdir.claim decides)."""
     workdir, _, _ = tiny_run
     config = json.loads((workdir / "config.json").read_text())
     darts = genotypes.PUBLISHED["DARTS_V2"]
     e2rnas = genotypes.PUBLISHED["E2RNAS"]
-    check = train_lib._check_workdir
-    assert check(str(workdir), config, darts, False) == (True, [])
-    # Logging fields may change on resume; a different genotype may not.
-    relaxed = dict(config, log_every=1, checkpoint_every=7)
-    assert check(str(workdir), relaxed, darts, False)[0]
-    with pytest.raises(train_lib.WorkdirError, match="--overwrite"):
-        check(str(workdir), config, e2rnas, False)
-    resume, stale = check(str(workdir), config, e2rnas, True)
-    assert not resume and "checkpoints" in stale and "config.json" in stale
+
+    def check(directory, config_dict, genotype, overwrite):
+        return workdir_lib.claim(
+            str(directory), train_lib._identity(config_dict, genotype),
+            record="config.json", read=train_lib._reader(str(directory)),
+            outputs=train_lib.OUTPUTS, overwrite=overwrite)
+
+    assert check(workdir, config, darts, False).resume
+    # Logging and evaluation fields may change on resume; a different
+    # genotype may not.
+    relaxed = dict(config, log_every=1, checkpoint_every=7,
+                   evaluate=dict(config["evaluate"], epsilons=[4.0]))
+    assert check(workdir, relaxed, darts, False).resume
+    with pytest.raises(workdir_lib.WorkdirError,
+                       match="genotype.normal.*--overwrite"):
+        check(workdir, config, e2rnas, False)
+    claim = check(workdir, config, e2rnas, True)
+    assert not claim.resume
+    assert {"checkpoints", "config.json", "model_last.keras"} <= set(
+        claim.stale)
     # Outputs without a config.json belong to an unknown run.
     (tmp_path / "metrics.jsonl").write_text('{"epoch": 0}\n')
-    with pytest.raises(train_lib.WorkdirError):
-        check(str(tmp_path), config, darts, False)
-    assert check(str(tmp_path / "new"), config, darts, False) == (False, [])
+    with pytest.raises(workdir_lib.WorkdirError, match="no config.json"):
+        check(tmp_path, config, darts, False)
+    assert check(tmp_path / "new", config, darts, False) == \
+        workdir_lib.Claim(resume=False)
 
 
 def test_cli_train_overwrite_and_resume(tiny_run, tmp_path):
@@ -290,13 +302,14 @@ def test_train_step_under_mixed_precision(policy):
     keras.mixed_precision.set_global_policy(policy)
     try:
         net = _tiny_net()
-        sgd = keras.optimizers.SGD(learning_rate=0.05, momentum=0.9)
-        # A loss scale of 2**24 overflows float16 gradients for sure.
-        optimizer = (keras.optimizers.LossScaleOptimizer(
-            sgd, initial_scale=2.0 ** 24)
-                     if policy == "mixed_float16" else sgd)
+        sgd = optim.MomentumSGD(net.trainable_variables, 0.9, 0.01)
+        loss_scale = optim.DynamicLossScale(policy == "mixed_float16")
+        if loss_scale.enabled:
+            # A loss scale of 2**24 overflows float16 gradients for sure.
+            loss_scale.scale.assign(2.0 ** 24)
         step = train_lib.make_train_step(
-            net, optimizer, tf.distribute.get_strategy(), _step_config())
+            net, sgd, loss_scale, tf.distribute.get_strategy(),
+            _step_config())
         images = tf.random.stateless_uniform([8, 8, 8, 3], seed=[0, 3])
         labels = tf.constant([0, 1, 2, 3, 4, 0, 1, 2])
         # Under float16 a step may overflow at the current loss scale: it
@@ -304,12 +317,13 @@ def test_train_step_under_mixed_precision(policy):
         records = []
         for i in range(4):
             before = [v.numpy().copy() for v in net.trainable_variables]
-            out = step(images, labels, tf.constant(i, tf.int64))
+            out = step(images, labels, tf.constant(i, tf.int64),
+                       tf.constant(0.05))
             after = [v.numpy().copy() for v in net.trainable_variables]
             records.append((before, {k: float(v) for k, v in out.items()},
                             after))
         logits = net(images)
-        final_scale = float(train_lib._loss_scale(optimizer))
+        final_scale = float(loss_scale.scale.numpy())
     finally:
         keras.mixed_precision.set_global_policy("float32")
     assert logits.dtype == tf.float32

@@ -1,20 +1,19 @@
-"""One process per work directory (checkpointing.WorkdirLock)."""
+"""One process per work directory (runs.workdir.WorkdirLock)."""
 
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 
-from e2rnas_tf import checkpointing
+from e2rnas_tf.runs import workdir as workdir_lib
 from tests.conftest import REPO
 
 HOLD = """
 import sys, time
-from e2rnas_tf import checkpointing
-lock = checkpointing.WorkdirLock(sys.argv[1]).acquire()
+from e2rnas_tf.runs import workdir as workdir_lib
+lock = workdir_lib.WorkdirLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(600)
 """
@@ -28,14 +27,14 @@ def _holder(workdir, env):
 
 
 def test_second_lock_in_the_same_process_is_refused(tmp_path):
-    first = checkpointing.WorkdirLock(str(tmp_path)).acquire()
-    with pytest.raises(checkpointing.WorkdirBusyError,
+    first = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    with pytest.raises(workdir_lib.WorkdirBusyError,
                        match=f"pid {os.getpid()}"):
-        checkpointing.WorkdirLock(str(tmp_path)).acquire()
+        workdir_lib.WorkdirLock(str(tmp_path)).acquire()
     first.release()
-    lock_file = tmp_path / checkpointing.WorkdirLock.FILENAME
+    lock_file = tmp_path / workdir_lib.WorkdirLock.FILENAME
     assert not lock_file.exists()   # removed on release
-    with checkpointing.WorkdirLock(str(tmp_path)):
+    with workdir_lib.WorkdirLock(str(tmp_path)):
         assert lock_file.read_text().strip() == str(os.getpid())
     assert not lock_file.exists()
 
@@ -43,16 +42,16 @@ def test_second_lock_in_the_same_process_is_refused(tmp_path):
 def test_lock_of_a_killed_process_is_free_again(tmp_path, subprocess_env):
     proc = _holder(str(tmp_path), subprocess_env)
     try:
-        with pytest.raises(checkpointing.WorkdirBusyError) as info:
-            checkpointing.WorkdirLock(str(tmp_path)).acquire()
+        with pytest.raises(workdir_lib.WorkdirBusyError) as info:
+            workdir_lib.WorkdirLock(str(tmp_path)).acquire()
         assert f"pid {proc.pid}" in str(info.value)
         assert "in use by another e2rnas process" in str(info.value)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait()
     # SIGKILL leaves the file but not the lock.
-    assert os.path.exists(tmp_path / checkpointing.WorkdirLock.FILENAME)
-    checkpointing.WorkdirLock(str(tmp_path)).acquire().release()
+    assert os.path.exists(tmp_path / workdir_lib.WorkdirLock.FILENAME)
+    workdir_lib.WorkdirLock(str(tmp_path)).acquire().release()
 
 
 def _search_cmd(workdir):
@@ -81,4 +80,4 @@ def test_search_into_a_busy_workdir_is_refused(tmp_path, subprocess_env):
                     f"e2rnas process (pid {proc.pid}); wait for it to "
                     "finish or use another --workdir")
     # Nothing of the search was written.
-    assert os.listdir(workdir) == [checkpointing.WorkdirLock.FILENAME]
+    assert os.listdir(workdir) == [workdir_lib.WorkdirLock.FILENAME]

@@ -184,7 +184,7 @@ def _float16_step(init, loss_scale, cell_impl="reference"):
     restore(init, net)
     step = search_step.SearchStep(net, cfg, num_classes=10, image_size=8,
                                   steps_per_epoch=10, strategy=single)
-    step.loss_scale.assign(loss_scale)
+    step.loss_scale.scale.assign(loss_scale)
     train, valid = batches(1, 1)[0], batches(2, 1)[0]
     return net, step, {k: float(v) for k, v in step(train, valid).items()}
 

@@ -76,6 +76,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import contextlib
 import datetime
 import json
 import os
@@ -114,6 +115,17 @@ _CASES = ("Case", "StatelessCase")
 # ---------------------------------------------------------------------------
 # Arguments.
 
+
+
+# The benchmark is a process of its own: its runtime set-up (precision,
+# seeds, determinism) holds until it exits.
+_PROCESS = contextlib.ExitStack()
+
+
+def _configure(config):
+    from e2rnas_tf import runtime
+
+    _PROCESS.enter_context(runtime.configured(config))
 
 def default_workload(config):
     """The workload a bare ``--config`` meant before ``--workload`` existed."""
@@ -549,13 +561,14 @@ def _synthetic(strategy, batch, size, seed):
 def _search_workload(args, record):
     from e2rnas_tf import runtime
     from e2rnas_tf import search_step as step_lib
-    from e2rnas_tf.search_space import SearchNetwork, count_params
+    from e2rnas_tf.costs import count_params
+    from e2rnas_tf.search_space import SearchNetwork
 
     order = "second" if args.workload == "search2" else "first"
     config, size = make_config(args.config, order)
     with config.unlocked():
         _runtime_fields(config, args)
-    runtime.configure(config)
+    _configure(config)
     strategy = runtime.make_strategy(config)
     m = config.model
     with strategy.scope():
@@ -579,7 +592,7 @@ def _search_workload(args, record):
         return float(step(train, valid)["train/loss"])
 
     def graph():
-        return step._compiled.get_concrete_function(train, valid).graph
+        return step.concrete_function(train, valid).graph
 
     return run, graph, dict(net=net, config=config, valid=valid,
                             strategy=strategy)
@@ -598,29 +611,33 @@ def _derived_model(config, size, auxiliary):
 
 
 def _train_workload(args, record):
-    import keras
     import tensorflow as tf
 
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf import costs
+    from e2rnas_tf import optim
     from e2rnas_tf import runtime
     from e2rnas_tf import train as train_lib
 
     config, size = make_train_config(args.config, args.genotype)
     with config.unlocked():
         _runtime_fields(config, args)
-    runtime.configure(config)
+    _configure(config)
     strategy = runtime.make_strategy(config)
     with strategy.scope():
         model = _derived_model(config, size, auxiliary=True)
-        optimizer = keras.optimizers.SGD(learning_rate=config.optim.lr,
-                                         momentum=config.optim.momentum)
-        optimizer.build(model.trainable_variables)
-    step_fn = train_lib.make_train_step(model, optimizer, strategy, config)
+        sgd = optim.MomentumSGD(model.trainable_variables,
+                                config.optim.momentum,
+                                config.optim.weight_decay)
+        loss_scale = optim.DynamicLossScale(
+            config.mixed_precision == "mixed_float16")
+    step_fn = train_lib.make_train_step(model, sgd, loss_scale, strategy,
+                                        config)
+    lr = tf.constant(config.optim.lr, tf.float32)
     images, labels = _synthetic(strategy, config.batch_size, size, 0)
     counter = tf.constant(0, tf.int64)
     record.update(genotype=args.genotype, auxiliary=True,
                   drop_path=TRAIN_DROP_PATH,
-                  weights=model_lib.count_params(model, exclude_aux=False))
+                  weights=costs.count_params(model.trainable_variables))
     print(f"train {args.config}: {args.genotype} {config.model.layers} "
           f"cells C={config.model.channels} batch {config.batch_size} "
           f"{size}x{size}, auxiliary head, drop-path {TRAIN_DROP_PATH}; "
@@ -628,10 +645,11 @@ def _train_workload(args, record):
           f"{args.threads or 'default'}", flush=True)
 
     def run():
-        return float(step_fn(images, labels, counter)["loss"])
+        return float(step_fn(images, labels, counter, lr)["loss"])
 
     def graph():
-        return step_fn.get_concrete_function(images, labels, counter).graph
+        return step_fn.get_concrete_function(images, labels, counter,
+                                             lr).graph
 
     return run, graph, {}
 
@@ -640,14 +658,14 @@ def _pgd_workload(args, record):
     import tensorflow as tf
 
     from e2rnas_tf import config_lib
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf import costs
     from e2rnas_tf import objectives as obj_lib
     from e2rnas_tf import runtime
 
     config, size = make_train_config(args.config, args.genotype)
     with config.unlocked():
         _runtime_fields(config, args)
-    runtime.configure(config)
+    _configure(config)
     strategy = runtime.make_strategy(config)
     with strategy.scope():
         model = _derived_model(config, size, auxiliary=False)
@@ -679,7 +697,7 @@ def _pgd_workload(args, record):
     seed = tf.constant([0, 1], tf.int32)
     record.update(genotype=args.genotype, attack=f"pgd-{PGD_STEPS} eps "
                   f"{PGD_EPS:g}/255 random start, inference mode",
-                  weights=model_lib.count_params(model))
+                  weights=costs.count_params(model))
     if args.precision != "float32":
         record["note"] = ("bf16 model under attack; e2rnas evaluate attacks "
                           "a float32 copy")

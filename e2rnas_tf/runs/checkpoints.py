@@ -1,4 +1,5 @@
-"""Run checkpoints that are complete or absent, verified and resumable.
+"""Run checkpoints that are complete or absent, verified and resumable;
+and the ``.keras`` model files a training run leaves.
 
 Both runs (``e2rnas search`` and ``e2rnas train``) save their state through
 `RunCheckpoint`:
@@ -9,7 +10,7 @@ Both runs (``e2rnas search`` and ``e2rnas train``) save their state through
   them from their initial values;
 - every optimizer variable (slots such as momentum or Adam moments, the
   iteration counter, a loss scale) by position and name
-  (`optimizer_variables`);
+  (`numbered_variables`);
 - counters and anything else the caller passes.
 
 A save writes ``ckpt-<step>.*`` with `tf.train.Checkpoint.write`, reads
@@ -32,7 +33,7 @@ Example:
 
 >>> ckpt = RunCheckpoint(workdir + "/checkpoints",
 ...                      {"model": variables_by_path(model),
-...                       "optimizer": optimizer_variables(optimizer),
+...                       "optimizer": numbered_variables(optimizer),
 ...                       "step": step_var},
 ...                      fingerprint={"layers": 8, "channels": 16})
 >>> ckpt.restore()       # None on a fresh run, else the restored prefix
@@ -41,19 +42,21 @@ Example:
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import hashlib
 import json
 import os
-import signal
 import sys
+import zipfile
+import zlib
 
+import keras
 import tensorflow as tf
 
-__all__ = ["CheckpointError", "CheckpointMismatchError", "PreemptionGuard",
-           "RunCheckpoint", "optimizer_variables", "variables_by_path",
-           "MANIFEST"]
+from e2rnas_tf.runs import files as files_lib
+
+__all__ = ["CheckpointError", "CheckpointMismatchError", "ModelFileError",
+           "RunCheckpoint", "load_model_file", "numbered_variables",
+           "resolve_model_file", "variables_by_path", "MANIFEST"]
 
 MANIFEST = "checkpoint_ok.json"
 _FORMAT = 1
@@ -91,27 +94,28 @@ def variables_by_path(model):
     return variables
 
 
-def optimizer_variables(optimizer):
-    """Every variable of a built optimizer, keyed by position and name.
+def numbered_variables(obj):
+    """Every variable of an optimiser or module, keyed by position and name.
 
     Keras optimizer paths carry an auto-numbered prefix (``sgd``,
     ``sgd_1``) that depends on how many optimizers the process created
-    before, so they cannot key a checkpoint read by another process; the
-    order of ``optimizer.variables`` (counters, then one slot per model
-    variable in model order) is fixed by the model.
+    before, so names alone cannot key a checkpoint read by another process;
+    the order of ``obj.variables`` (for a `tf.Module`, its attributes'
+    variables in a fixed order; for a Keras optimizer, counters then one
+    slot per model variable in model order) is fixed by the code.
 
     Args:
-        optimizer: a built Keras optimizer (a LossScaleOptimizer includes
-            its inner optimizer's variables).
+        obj: a `tf.Module` (e.g. `optim.MomentumSGD`) or a built Keras
+            optimizer.
 
     Returns:
         ``{"0003_<name>": variable}``.
     """
-    if not optimizer.built:
+    if getattr(obj, "built", True) is False:
         raise ValueError(
             "Expected a built optimizer (call optimizer.build(variables) "
-            f"first). Received: {optimizer.name!r}, not built")
-    return {f"{i:04d}_{v.name}": v for i, v in enumerate(optimizer.variables)}
+            f"first). Received: {obj.name!r}, not built")
+    return {f"{i:04d}_{v.name}": v for i, v in enumerate(obj.variables)}
 
 
 def _flatten(tree, prefix=""):
@@ -134,16 +138,6 @@ def _sha256(path):
     return digest.hexdigest()
 
 
-def _write_json_atomic(path, value):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(value, f, indent=1, sort_keys=True)
-        f.write("\n")
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def _differences(old, new, prefix=""):
     """Readable ``key: old -> new`` lines for two JSON-like dicts."""
     lines = []
@@ -162,7 +156,7 @@ class RunCheckpoint:
     Args:
         directory: where ``ckpt-<step>.*`` and ``checkpoint_ok.json`` live.
         objects: a (nested) dict of what to save: variables, dicts of
-            variables (`variables_by_path`, `optimizer_variables`) or any
+            variables (`variables_by_path`, `numbered_variables`) or any
             trackable TensorFlow object (e.g. a `tf.Module`).
         fingerprint: a JSON-ready dict of the configuration fields that
             decide the variables; a checkpoint saved under another
@@ -258,15 +252,16 @@ class RunCheckpoint:
         entries.sort(key=lambda e: e["step"])
         dropped, entries = entries[:-self.max_to_keep], \
             entries[-self.max_to_keep:]
-        _write_json_atomic(self.manifest_path, {
+        files_lib.write_json(self.manifest_path, {
             "format": _FORMAT, "fingerprint": self.fingerprint,
-            "shapes": self._shapes, "checkpoints": entries})
+            "shapes": self._shapes, "checkpoints": entries}, indent=1)
         # TensorFlow's own index too (`tf.train.latest_checkpoint`, other
-        # tools); restoring reads only the verified manifest.
-        tf.compat.v1.train.update_checkpoint_state(
-            self.directory, prefix,
-            all_model_checkpoint_paths=[
-                os.path.join(self.directory, e["prefix"]) for e in entries])
+        # tools), in its text format; restoring reads only the verified
+        # manifest. (tf.compat.v1's writer of it is deprecated.)
+        files_lib.write_text(os.path.join(self.directory, "checkpoint"), "".join(
+            [f'model_checkpoint_path: "{os.path.basename(prefix)}"\n']
+            + [f'all_model_checkpoint_paths: "{e["prefix"]}"\n'
+               for e in entries]))
         # Only once the manifest no longer names them.
         for entry in dropped:
             for name in entry["files"]:
@@ -345,127 +340,105 @@ class RunCheckpoint:
             f"({'; '.join(problems)}); use another --workdir or --overwrite")
 
 
-class PreemptionGuard:
-    """Turns SIGTERM into a flag the training loop polls between steps.
+class ModelFileError(ValueError):
+    """A ``--checkpoint`` that names no loadable ``.keras`` model."""
 
-    A cluster scheduler preempts a job with SIGTERM and a grace period;
-    the loop finishes its current step, saves a checkpoint and returns,
-    so rerunning the same command resumes. Use as a context manager; the
-    previous handler is restored on exit. Outside the main thread (where
-    Python cannot install signal handlers) it does nothing.
 
-    Example:
+def resolve_model_file(checkpoint):
+    """The ``.keras`` file a ``--checkpoint`` value names.
 
-    >>> with PreemptionGuard() as guard:
-    ...     for batch in data:
-    ...         step(batch)
-    ...         if guard.requested:
-    ...             ckpt.save(step_number)
-    ...             break
+    Args:
+        checkpoint: a ``.keras`` file, or a training work directory holding
+            ``model_best.keras`` (preferred) or ``model_last.keras``.
+
+    Returns:
+        The path of the model file.
     """
+    if not checkpoint:
+        raise ModelFileError(
+            "Expected --checkpoint=<train workdir or .keras file>. "
+            "Received: nothing")
+    if not os.path.exists(checkpoint):
+        raise ModelFileError(f"Checkpoint {checkpoint} does not exist")
+    if os.path.isdir(checkpoint):
+        for name in ("model_best.keras", "model_last.keras"):
+            path = os.path.join(checkpoint, name)
+            if os.path.isfile(path):
+                return path
+        raise ModelFileError(
+            f"{checkpoint} holds no model_best.keras or model_last.keras")
+    if not checkpoint.endswith(".keras"):
+        raise ModelFileError(
+            f"Expected a .keras model file. Received: {checkpoint}")
+    return checkpoint
 
-    def __init__(self, signals=(signal.SIGTERM,)):
-        self.signals = tuple(signals)
-        self.requested = None
-        self._previous = {}
 
-    def _handler(self, signum, frame):
-        del frame
-        self.requested = signal.Signals(signum).name
+def _archive_problem(path):
+    """Why ``path`` is not a readable ``.keras`` zip archive, or None.
 
-    def __enter__(self):
+    Keras' own loader reports every one of these cases as "File not found"
+    (or a bare KeyError / zip CRC error), which sends the user looking for
+    a file that is right there.
+    """
+    size = os.path.getsize(path)
+    if size == 0:
+        return "the file is empty"
+    if not zipfile.is_zipfile(path):
+        with open(path, "rb") as f:
+            zip_magic = f.read(2) == b"PK"
+        if zip_magic:
+            return (f"a truncated or damaged zip archive ({size} bytes, no "
+                    "zip directory at its end)")
+        return (f"not a zip archive ({size} bytes; `model.save` writes "
+                ".keras files as zip archives)")
+    try:
+        with zipfile.ZipFile(path) as archive:
+            names = set(archive.namelist())
+            if "config.json" not in names:
+                return ("the zip archive holds no config.json, so Keras did "
+                        "not write it")
+            if not names & {"model.weights.h5", "model.weights.npz"}:
+                return "the zip archive holds no model.weights.h5"
+            damaged = archive.testzip()
+            if damaged is not None:
+                return (f"{damaged} in the zip archive is damaged (CRC "
+                        "mismatch)")
+            try:
+                json.loads(archive.read("config.json"))
+            except ValueError as e:
+                return f"its config.json is not valid JSON: {e}"
+    except (zipfile.BadZipFile, zlib.error, OSError, RuntimeError,
+            NotImplementedError) as e:
+        return f"a damaged zip archive: {' '.join(str(e).split())}"
+    return None
+
+
+def load_model_file(path):
+    """Loads a ``.keras`` file written by ``e2rnas train``.
+
+    Args:
+        path: a ``.keras`` file (see `resolve_model_file`).
+
+    Returns:
+        The Keras model (not compiled).
+
+    Raises:
+        ModelFileError: one line ``<path> is not a loadable Keras model file:
+            <reason>`` for an empty, truncated, damaged or non-zip file, a
+            zip without Keras' config.json or weights, and for anything
+            Keras itself cannot rebuild.
+    """
+    # The e2rnas layers are registered with Keras' serialisation by the
+    # package import (e2rnas_tf/__init__.py), which ran before this module.
+    problem = _archive_problem(path)
+    if problem is None:
         try:
-            for sig in self.signals:
-                self._previous[sig] = signal.signal(sig, self._handler)
-        except ValueError:  # not the main thread
-            self._previous = {}
-        return self
-
-    def __exit__(self, *exc):
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous = {}
-        return False
-
-
-class WorkdirBusyError(ValueError):
-    """Another live process is running in the same work directory."""
-
-
-class WorkdirLock:
-    """An exclusive lock on a work directory for the life of a run.
-
-    Two commands writing one workdir (the same command started twice, or a
-    second `e2rnas reproduce` over a running one) would interleave their
-    checkpoints and truncate each other's metrics. The lock is an
-    advisory `flock` on ``<workdir>/.e2rnas.lock``, which holds the owner's
-    pid and is removed on release. The kernel drops the lock when the
-    owner exits however it exits (SIGKILL included), so a crashed run
-    leaves at most a stale file, never a stale lock.
-
-    Example:
-
-    >>> with WorkdirLock("runs/demo"):
-    ...     pass  # the run
-    """
-
-    FILENAME = ".e2rnas.lock"
-
-    def __init__(self, workdir):
-        self.path = os.path.join(workdir, self.FILENAME)
-        self._fd = None
-
-    def _busy(self, fd):
-        owner = os.read(fd, 32).decode(errors="replace").strip() or "?"
-        return WorkdirBusyError(
-            f"{os.path.dirname(self.path)} is in use by another e2rnas "
-            f"process (pid {owner}); wait for it to finish or use "
-            "another --workdir")
-
-    def acquire(self):
-        """Takes the lock or raises `WorkdirBusyError`; returns self."""
-        os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError as e:
-                error = self._busy(fd) if e.errno in (
-                    errno.EWOULDBLOCK, errno.EACCES) else e
-                os.close(fd)
-                raise error from None
-            # The previous owner may have removed the file between our
-            # open and flock: then we hold a lock nobody else can see.
-            try:
-                current = os.stat(self.path)
-            except FileNotFoundError:
-                current = None
-            mine = os.fstat(fd)
-            if current is not None and (current.st_ino, current.st_dev) \
-                    == (mine.st_ino, mine.st_dev):
-                break
-            os.close(fd)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
-
-    def release(self):
-        """Removes the lock file and releases the lock."""
-        if self._fd is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
-
-    def __enter__(self):
-        return self.acquire()
-
-    def __exit__(self, *exc):
-        self.release()
-
-    def __del__(self):
-        self.release()
+            return keras.saving.load_model(path, compile=False)
+        except (ValueError, OSError, KeyError, TypeError,
+                zipfile.BadZipFile) as e:
+            lines = str(e).strip().splitlines()
+            problem = lines[0].strip() if lines else repr(e)
+            if isinstance(e, OSError):
+                # The archive was checked: h5py failing on the weights.
+                problem = f"its weights file cannot be read: {problem}"
+    raise ModelFileError(f"{path} is not a loadable Keras model file: {problem}")

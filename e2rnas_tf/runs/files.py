@@ -1,0 +1,85 @@
+"""Atomic, durable file writes: a reader sees the old file or the new one.
+
+Every write goes to a temporary file in the same directory, is flushed and
+fsynced, renamed over the target (atomic on POSIX) and the directory is
+fsynced, so neither a kill nor a power loss leaves a half-written
+``config.json``, report or model behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+__all__ = ["read_json", "save_keras", "write_json", "write_text"]
+
+
+def _fsync_dir(directory):
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _tmp_path(path):
+    directory, name = os.path.split(path)
+    return os.path.join(directory, f".{name}.tmp-{os.getpid()}")
+
+
+def write_text(path, text):
+    """Writes ``text`` to ``path`` atomically (see the module)."""
+    path = os.fspath(path)
+    tmp = _tmp_path(path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(os.path.dirname(path))
+
+
+def write_json(path, value, *, indent=2, sort_keys=True):
+    """Writes ``value`` as JSON (with a final newline) atomically."""
+    write_text(path, json.dumps(value, indent=indent, sort_keys=sort_keys)
+               + "\n")
+
+
+def read_json(path, default=None):
+    """The JSON value in ``path``, or ``default`` if it does not exist.
+
+    Raises:
+        ValueError: the file exists but is not valid JSON (a
+            `json.JSONDecodeError`).
+    """
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        return default
+
+
+def save_keras(model, path):
+    """``model.save(path)`` atomically (Keras wants the ``.keras`` suffix,
+    so the temporary file keeps it)."""
+    path = os.fspath(path)
+    directory, name = os.path.split(path)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}-{name}")
+    try:
+        model.save(tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    _fsync_dir(directory)
