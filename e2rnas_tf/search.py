@@ -34,6 +34,7 @@ Reference:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 
@@ -230,9 +231,19 @@ def search(config, workdir, *, overwrite=False, log=print):
         return _search(config, workdir, chief_dir, claim, log)
 
 
-def _search(config, workdir, chief_dir, claim, log):
-    objectives = step_lib.check_objectives(config.objectives)
-    strategy = runtime.make_strategy(config)
+@dataclasses.dataclass(frozen=True)
+class _SearchData:
+    """A search's data: the two halves of the training set, the split the
+    per-epoch accuracy is measured on, and the epoch's length."""
+
+    info: data_lib.DatasetInfo
+    weights: data_lib.ArrayData
+    arch: data_lib.ArrayData
+    evaluation: data_lib.ArrayData
+    steps_per_epoch: int
+
+
+def _load_data(config, strategy):
     train, test, info = data_lib.load(config.data)
     w_split, a_split = data_lib.search_split(
         train, config.data.train_portion, config.seed)
@@ -251,8 +262,40 @@ def _search(config, workdir, chief_dir, claim, log):
         raise ValueError(
             f"Expected config.batch_size divisible by the "
             f"{strategy.num_replicas_in_sync} replicas. Received: {batch}")
-    eval_split = test if config.eval_on == "test" else a_split
+    return _SearchData(info, w_split, a_split,
+                       test if config.eval_on == "test" else a_split,
+                       steps_per_epoch)
 
+
+def _epoch_batches(data, ood_data, config, epoch, skip, strategy):
+    """The weight, architecture and OOD batches of one epoch after
+    ``skip`` steps (OOD: None without OOD data)."""
+    batch = int(config.batch_size)
+    aug = dict(crop_padding=config.data.crop_padding, flip=config.data.flip,
+               cutout=config.data.cutout)
+    w_ds = data_lib.batches(data.weights, batch, seed=config.seed,
+                            epoch=epoch, training=True, skip_batches=skip,
+                            **aug)
+    # A different seed, so the two splits are not shuffled alike.
+    a_ds = data_lib.batches(data.arch, batch, seed=config.seed + 1,
+                            epoch=epoch, training=True, skip_batches=skip,
+                            **aug)
+    o_ds = None
+    if ood_data is not None:
+        o_ds = ood_lib.batches(ood_data, batch, seed=config.seed, epoch=epoch,
+                               steps=data.steps_per_epoch, skip_batches=skip)
+    if strategy.num_replicas_in_sync > 1:
+        w_ds, a_ds, o_ds = (None if d is None
+                            else strategy.experimental_distribute_dataset(d)
+                            for d in (w_ds, a_ds, o_ds))
+    return w_ds, a_ds, o_ds
+
+
+def _search(config, workdir, chief_dir, claim, log):
+    objectives = step_lib.check_objectives(config.objectives)
+    strategy = runtime.make_strategy(config)
+    data = _load_data(config, strategy)
+    info, steps_per_epoch = data.info, data.steps_per_epoch
     with strategy.scope():
         net = build_network(config, info)
         step = step_lib.SearchStep(
@@ -294,12 +337,9 @@ def _search(config, workdir, chief_dir, claim, log):
         resume = claim.resume and source.restore() is not None
         done = int(step.iterations.numpy())
         start_epoch = int(epoch_var.numpy())
-        history_path = os.path.join(workdir, "alpha_history.npz")
-        history = {"alpha_normal": [], "alpha_reduce": []}
+        history = _AlphaHistory(os.path.join(workdir, "alpha_history.npz"),
+                                start_epoch if resume else 0)
         if resume:
-            if os.path.exists(history_path):
-                with np.load(history_path) as f:
-                    history = {k: list(f[k][:start_epoch]) for k in history}
             if start_epoch >= int(config.epochs):
                 log(f"{workdir} holds a finished run of this config; "
                     "re-deriving its genotype")
@@ -310,37 +350,20 @@ def _search(config, workdir, chief_dir, claim, log):
         # checkpoints) are dropped: the resumed run writes them again.
         run.open(keep=covered(done, start_epoch) if resume else None)
         log(f"search: {info.name} {info.image_size}x{info.image_size}, "
-            f"{len(w_split)} weight / {len(a_split)} arch examples, "
+            f"{len(data.weights)} weight / {len(data.arch)} arch examples, "
             f"{config.model.layers} cells C={config.model.channels}, "
-            f"batch {batch}, {steps_per_epoch} steps/epoch, "
+            f"batch {config.batch_size}, {steps_per_epoch} steps/epoch, "
             f"{config.epochs} epochs, objectives {list(objectives)} "
             f"({config.combine.method}, {config.arch.order} order), "
             f"{count_params(net.weight_variables):,} weights")
         loop = _Loop(run, step, net, config, checkpoint, log)
         evaluate = make_eval_step(net, int(config.eval_batch_size))
         epochs_summary = []
-        aug = dict(crop_padding=config.data.crop_padding,
-                   flip=config.data.flip, cutout=config.data.cutout)
         for epoch in range(start_epoch, int(config.epochs)):
             skip = done - epoch * steps_per_epoch
-            w_ds = data_lib.batches(w_split, batch, seed=config.seed,
-                                    epoch=epoch, training=True,
-                                    skip_batches=skip, **aug)
-            # A different seed, so the two splits are not shuffled alike.
-            a_ds = data_lib.batches(a_split, batch, seed=config.seed + 1,
-                                    epoch=epoch, training=True,
-                                    skip_batches=skip, **aug)
-            o_ds = (ood_lib.batches(ood_data, batch, seed=config.seed,
-                                    epoch=epoch, steps=steps_per_epoch,
-                                    skip_batches=skip)
-                    if ood_data is not None else None)
-            if strategy.num_replicas_in_sync > 1:
-                w_ds, a_ds = (strategy.experimental_distribute_dataset(d)
-                              for d in (w_ds, a_ds))
-                if o_ds is not None:
-                    o_ds = strategy.experimental_distribute_dataset(o_ds)
-            finished = loop.epoch(epoch, steps_per_epoch - skip, w_ds, a_ds,
-                                  o_ds)
+            finished = loop.epoch(epoch, steps_per_epoch - skip,
+                                  *_epoch_batches(data, ood_data, config,
+                                                  epoch, skip, strategy))
             done = int(step.iterations.numpy())
             if not finished:
                 # Stopped mid-epoch: the finished steps are saved; the same
@@ -348,21 +371,10 @@ def _search(config, workdir, chief_dir, claim, log):
                 checkpoint.save(done)
                 return _stopped(run, done, checkpoint, workdir)
             summary = _end_of_epoch(
-                epoch, net, config, params_table, evaluate, eval_split,
-                workdir, history, history_path)
+                epoch, net, config, params_table, evaluate, data.evaluation,
+                workdir, history)
             epochs_summary.append(summary)
-            run.metrics.write(summary)
-            run.scalars(done, {"eval_acc": summary["eval_acc"],
-                               "eval_loss": summary["eval_loss"],
-                               "genotype_params": summary["genotype_params"]},
-                        prefix="epoch/")
-            tb_lib.write_search_epoch_summaries(
-                run.writer, done, *[w.numpy() for w in net.op_weights()],
-                derive_genotype(net, config), config.model.primitives)
-            run.writer.flush()
-            log(f"epoch {epoch + 1}: supernet {config.eval_on} accuracy "
-                f"{summary['eval_acc']:.4f}, derived genotype "
-                f"{summary['genotype_params']:.3f}M params")
+            _record_epoch(run, done, summary, net, config, log)
             epoch_var.assign(epoch + 1)
             checkpoint.save(done)
             if run.stop_requested and epoch + 1 < int(config.epochs):
@@ -472,20 +484,51 @@ def _architecture_scalars(net, config):
     }
 
 
+class _AlphaHistory:
+    """``alpha_history.npz``: alpha at the end of every finished epoch."""
+
+    def __init__(self, path, keep_epochs):
+        self.path = path
+        self.arrays = {"alpha_normal": [], "alpha_reduce": []}
+        if keep_epochs and os.path.exists(path):
+            with np.load(path) as f:
+                self.arrays = {k: list(f[k][:keep_epochs])
+                               for k in self.arrays}
+
+    def append(self, net):
+        self.arrays["alpha_normal"].append(net.alpha_normal.numpy())
+        self.arrays["alpha_reduce"].append(net.alpha_reduce.numpy())
+        np.savez(self.path, **{k: np.stack(v) for k, v in self.arrays.items()})
+
+
 def _end_of_epoch(epoch, net, config, params_table, evaluate, eval_split,
-                  workdir, history, history_path):
+                  workdir, history):
     genotype = derive_genotype(net, config)
     genotype.save(os.path.join(workdir, "genotypes",
                                f"epoch_{epoch + 1:03d}.json"))
-    history["alpha_normal"].append(net.alpha_normal.numpy())
-    history["alpha_reduce"].append(net.alpha_reduce.numpy())
-    np.savez(history_path, **{k: np.stack(v) for k, v in history.items()})
+    history.append(net)
     eval_acc, eval_loss = evaluate(eval_split)
     return {"kind": "epoch", "epoch": epoch + 1, "eval_on": config.eval_on,
             "eval_acc": eval_acc, "eval_loss": eval_loss,
             "genotype_params": genotype_params(genotype, params_table,
                                                config.model.primitives),
             "genotype": genotype.to_dict()}
+
+
+def _record_epoch(run, step, summary, net, config, log):
+    """An epoch's line in metrics.jsonl, its TensorBoard summaries and its
+    log line."""
+    run.metrics.write(summary)
+    run.scalars(step, {k: summary[k] for k in ("eval_acc", "eval_loss",
+                                               "genotype_params")},
+                prefix="epoch/")
+    tb_lib.write_search_epoch_summaries(
+        run.writer, step, *[w.numpy() for w in net.op_weights()],
+        derive_genotype(net, config), config.model.primitives)
+    run.writer.flush()
+    log(f"epoch {summary['epoch']}: supernet {config.eval_on} accuracy "
+        f"{summary['eval_acc']:.4f}, derived genotype "
+        f"{summary['genotype_params']:.3f}M params")
 
 
 def main(config, args):

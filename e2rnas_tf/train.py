@@ -32,6 +32,7 @@ Reference:
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -346,15 +347,7 @@ def train(config, workdir, *, overwrite=False):
         return _train(config, workdir, chief_dir, genotype, claim)
 
 
-def _train(config, workdir, chief_dir, genotype, claim):
-    chief = workdir == chief_dir
-    config_dict = config.to_dict()
-    # Before any TensorFlow op: MultiWorkerMirroredStrategy configures the
-    # collective ops, which is possible only at program start.
-    strategy = runtime.make_strategy(config)
-    train_data, test_data, info = data_lib.load(config.data)
-
-    replicas = strategy.num_replicas_in_sync
+def _steps_per_epoch(config, train_data, replicas):
     for name in ("batch_size", "eval_batch_size"):
         if config[name] % replicas:
             raise ValueError(
@@ -369,8 +362,37 @@ def _train(config, workdir, chief_dir, genotype, claim):
             f"Expected config.steps_per_epoch <= {available} (batches of "
             f"{config.batch_size} in {len(train_data)} training images). "
             f"Received: steps_per_epoch={config.steps_per_epoch}")
+    return steps_per_epoch
 
-    size = info.image_size
+
+@dataclasses.dataclass(frozen=True)
+class _State:
+    """Everything a training run updates and checkpoints."""
+
+    model: model_lib.DerivedNetwork
+    sgd: optim.MomentumSGD
+    loss_scale: optim.DynamicLossScale
+    global_step: tf.Variable
+    # Epochs whose end-of-epoch work (evaluation, metrics, models) is done:
+    # a run killed between an epoch's last step and that work resumes into
+    # it.
+    epochs_done: tf.Variable
+    best: tf.Variable
+
+    def checkpoint(self, directory, fingerprint):
+        return ckpt_lib.RunCheckpoint(
+            os.path.join(directory, "checkpoints"),
+            {"model": ckpt_lib.variables_by_path(self.model),
+             "optimizer": ckpt_lib.numbered_variables(self.sgd),
+             "loss_scale": ckpt_lib.numbered_variables(self.loss_scale),
+             "step": self.global_step, "epochs_done": self.epochs_done,
+             "best_accuracy": self.best},
+            fingerprint=fingerprint, max_to_keep=3)
+
+
+def _build(config, genotype, info, strategy):
+    # Every variable (model, optimizer, counters) is created in scope so
+    # that it is mirrored across replicas.
     with strategy.scope():
         # Every variable (model, optimizer, counters) is created in scope
         # so that it is mirrored across replicas.
@@ -379,7 +401,7 @@ def _train(config, workdir, chief_dir, genotype, claim):
             num_classes=info.num_classes, layers=config.model.layers,
             auxiliary=config.model.auxiliary, mean=info.mean, std=info.std,
             drop_path=0.0, name="derived_network")
-        model.build((None, size, size, 3))
+        model.build((None, info.image_size, info.image_size, 3))
         sgd = optim.MomentumSGD(model.trainable_variables,
                                 config.optim.momentum,
                                 config.optim.weight_decay)
@@ -394,16 +416,22 @@ def _train(config, workdir, chief_dir, genotype, claim):
                                   name="epochs_done")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
                            name="best_accuracy")
+    return _State(model, sgd, loss_scale, global_step, epochs_done, best)
 
-    def run_checkpoint(directory):
-        return ckpt_lib.RunCheckpoint(
-            os.path.join(directory, "checkpoints"),
-            {"model": ckpt_lib.variables_by_path(model),
-             "optimizer": ckpt_lib.numbered_variables(sgd),
-             "loss_scale": ckpt_lib.numbered_variables(loss_scale),
-             "step": global_step, "epochs_done": epochs_done,
-             "best_accuracy": best},
-            fingerprint=_fingerprint(config, genotype, info), max_to_keep=3)
+
+def _train(config, workdir, chief_dir, genotype, claim):
+    chief = workdir == chief_dir
+    config_dict = config.to_dict()
+    # Before any TensorFlow op: MultiWorkerMirroredStrategy configures the
+    # collective ops, which is possible only at program start.
+    strategy = runtime.make_strategy(config)
+    train_data, test_data, info = data_lib.load(config.data)
+    replicas = strategy.num_replicas_in_sync
+    steps_per_epoch = _steps_per_epoch(config, train_data, replicas)
+    size = info.image_size
+    state = _build(config, genotype, info, strategy)
+    model, global_step, best = state.model, state.global_step, state.best
+    fingerprint = _fingerprint(config, genotype, info)
 
     with run_lib.Run(workdir, config, scratch=not chief) as run:
         # From here on the run owns the workdir.
@@ -413,12 +441,13 @@ def _train(config, workdir, chief_dir, genotype, claim):
             files.write_json(os.path.join(workdir, "config.json"),
                              config_dict)
             genotype.save(os.path.join(workdir, "genotype.json"))
-        checkpoint = run_checkpoint(workdir)
+        checkpoint = state.checkpoint(workdir, fingerprint)
         if claim.resume:
             # A non-chief worker resumes from the chief's checkpoints.
-            (checkpoint if chief else run_checkpoint(chief_dir)).restore()
+            (checkpoint if chief
+             else state.checkpoint(chief_dir, fingerprint)).restore()
         step = int(global_step.numpy())
-        start_epoch = int(epochs_done.numpy())
+        start_epoch = int(state.epochs_done.numpy())
         run.open(keep=(lambda r: r["epoch"] < start_epoch)
                  if claim.resume else None)
 
@@ -433,12 +462,13 @@ def _train(config, workdir, chief_dir, genotype, claim):
               + (", already complete" if start_epoch >= config.epochs
                  else ""), flush=True)
 
-        train_fn = make_train_step(model, sgd, loss_scale, strategy, config)
+        train_fn = make_train_step(model, state.sgd, state.loss_scale,
+                                   strategy, config)
         eval_fn = make_eval_step(model, strategy, config)
         last = {}
         for epoch in range(start_epoch, config.epochs):
             lr = schedules.cosine_lr(epoch, config.epochs, config.optim.lr,
-                           config.optim.lr_min)
+                                     config.optim.lr_min)
             rate = drop_path_at(epoch, config.epochs, config.model.drop_path)
             model.set_drop_path_rate(rate)
             skip = step - epoch * steps_per_epoch
@@ -462,37 +492,15 @@ def _train(config, workdir, chief_dir, genotype, claim):
                 checkpoint.save(step)
                 return {"stopped": run.stop_requested, "steps": step,
                         "workdir": workdir, "checkpoint": checkpoint.latest}
-            train_time = time.time() - start
-            val_loss, val_acc = evaluate_clean(eval_fn, strategy, test_data,
-                                               config.eval_batch_size)
             record = {"epoch": epoch, "step": step, "lr": lr,
-                      "drop_path_rate": rate}
-            record.update({f"train_{k}": v / max(count, 1)
-                           for k, v in sums.items()})
-            record.update(test_loss=val_loss, test_accuracy=val_acc,
-                          train_seconds=train_time)
-            improved = val_acc > float(best.numpy())
-            if improved:
-                best.assign(val_acc)
-            record["best_test_accuracy"] = float(best.numpy())
-            run.metrics.write(record)
-            run.scalars(step, {k: v for k, v in record.items()
-                               if k not in ("epoch", "step")},
-                        prefix="epoch/")
-            run.writer.flush()
-            if chief:
-                files.save_keras(model,
-                                 os.path.join(workdir, "model_last.keras"))
-                if improved:
-                    files.save_keras(
-                        model, os.path.join(workdir, "model_best.keras"))
-            epochs_done.assign(epoch + 1)
+                      "drop_path_rate": rate,
+                      **{f"train_{k}": v / max(count, 1)
+                         for k, v in sums.items()},
+                      "train_seconds": time.time() - start}
+            _end_of_epoch(run, state, record, lambda: evaluate_clean(
+                eval_fn, strategy, test_data, config.eval_batch_size),
+                workdir if chief else None)
             checkpoint.save(step)
-            print(f"  train loss {record.get('train_loss', float('nan')):.4f}"
-                  f" acc {record.get('train_accuracy', float('nan')):.4f} | "
-                  f"test loss {val_loss:.4f} acc {val_acc:.4f} "
-                  f"(best {record['best_test_accuracy']:.4f}) "
-                  f"{train_time:.1f}s", flush=True)
             last = record
             if run.stop_requested and epoch + 1 < config.epochs:
                 return {"stopped": run.stop_requested, "steps": step,
@@ -510,6 +518,35 @@ def _train(config, workdir, chief_dir, genotype, claim):
         if chief:
             files.write_json(os.path.join(workdir, "summary.json"), summary)
         return summary
+
+
+def _end_of_epoch(run, state, record, evaluate, workdir):
+    """Evaluates, records the epoch (``record`` completed with the test
+    figures) and writes the models (``workdir``: None for a non-chief
+    worker); marks the epoch done."""
+    val_loss, val_acc = evaluate()
+    record.update(test_loss=val_loss, test_accuracy=val_acc)
+    improved = val_acc > float(state.best.numpy())
+    if improved:
+        state.best.assign(val_acc)
+    record["best_test_accuracy"] = float(state.best.numpy())
+    run.metrics.write(record)
+    run.scalars(record["step"], {k: v for k, v in record.items()
+                                 if k not in ("epoch", "step")},
+                prefix="epoch/")
+    run.writer.flush()
+    if workdir is not None:
+        files.save_keras(state.model,
+                         os.path.join(workdir, "model_last.keras"))
+        if improved:
+            files.save_keras(state.model,
+                             os.path.join(workdir, "model_best.keras"))
+    state.epochs_done.assign(record["epoch"] + 1)
+    print(f"  train loss {record.get('train_loss', float('nan')):.4f} acc "
+          f"{record.get('train_accuracy', float('nan')):.4f} | test loss "
+          f"{val_loss:.4f} acc {val_acc:.4f} (best "
+          f"{record['best_test_accuracy']:.4f}) "
+          f"{record['train_seconds']:.1f}s", flush=True)
 
 
 def _train_epoch(run, train_fn, ds, steps, step, global_step, checkpoint,
