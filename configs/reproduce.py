@@ -1,7 +1,7 @@
 """`e2rnas reproduce`: the paper's comparison, DARTS against E2RNAS.
 
-Methods (`e2rnas_tf.reproduce.METHODS`, each a change of the search
-config; results.md lists each method's settings):
+Methods (`e2rnas_tf.experiments.reproduce.METHODS`, each a change of the
+search config; results.md lists each method's settings):
 
 - ``darts``: accuracy only, as DARTS;
 - ``published``: E2RNAS as its authors ran it for the published genotype

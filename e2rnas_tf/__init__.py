@@ -27,7 +27,9 @@ tf_startup.import_tensorflow_quietly()
 # registered (`register_keras_serializable`) in this process, which happens
 # when its module is imported. These modules hold every serialisable class
 # of the package and depend only on keras, tensorflow and numpy.
-from e2rnas_tf import ops  # noqa: E402,F401
-from e2rnas_tf import fused_cell  # noqa: E402,F401
-from e2rnas_tf import search_space  # noqa: E402,F401
-from e2rnas_tf import model  # noqa: E402,F401
+from e2rnas_tf.space import (
+    fused_cell,  # noqa: E402,F401
+    model,  # noqa: E402,F401
+    ops,  # noqa: E402,F401
+    search_space,  # noqa: E402,F401
+)

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 import sys
 
-from absl import app
-from absl import flags
+from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
 from e2rnas_tf import tf_startup
+from e2rnas_tf import usage
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Config file, configs/<name>.py[:variant]. Fields can be "
-    "overridden with --config.<field>=<value>.", lock_config=True)
+    "config", None, "A config: a packaged name (search_demo, reproduce:cpu, "
+    "...) or a file, configs/<name>.py[:variant]; default: the command's "
+    "defaults. Fields can be overridden with --config.<field>=<value>.",
+    lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory for outputs.")
 _OVERWRITE = flags.DEFINE_bool(
     "overwrite", False, "Allow reusing a workdir that holds a different run.")
@@ -60,23 +63,23 @@ class Args:
 
 # name -> ("module:function", default config factory in config_lib, help).
 COMMANDS = {
-    "info": ("e2rnas_tf.info:main", "search_config",
+    "info": ("e2rnas_tf.search.info:main", "search_config",
              "Print the supernet, the dataset and where the resource "
              "objectives push."),
-    "search": ("e2rnas_tf.search:main", "search_config",
+    "search": ("e2rnas_tf.search.run:main", "search_config",
                "Run the E2RNAS architecture search."),
-    "train": ("e2rnas_tf.train:main", "train_config",
+    "train": ("e2rnas_tf.training.train:main", "train_config",
               "Retrain a genotype as a deep network."),
-    "evaluate": ("e2rnas_tf.evaluate:main", "train_config",
+    "evaluate": ("e2rnas_tf.training.evaluate:main", "train_config",
                  "Clean and adversarial accuracy of a trained network."),
-    "export": ("e2rnas_tf.export:main", "train_config",
+    "export": ("e2rnas_tf.serving.export:main", "train_config",
                "Export a trained network as a TF Serving SavedModel."),
     "plot": ("e2rnas_tf.plots:main", "search_config",
              "Draw cell diagrams of a genotype or plots of a run."),
-    "reproduce": ("e2rnas_tf.reproduce:main", "reproduce_config",
-                  "DARTS vs E2RNAS vs equal weights: search, retrain, "
-                  "evaluate, tabulate."),
-    "sweep": ("e2rnas_tf.sweep:main", "sweep_config",
+    "reproduce": ("e2rnas_tf.experiments.reproduce:main", "reproduce_config",
+                  "The paper's comparison (DARTS vs E2RNAS, its variants "
+                  "and ablation): search, retrain, evaluate, tabulate."),
+    "sweep": ("e2rnas_tf.experiments.sweep:main", "sweep_config",
               "Search over resource targets; Pareto front; export it."),
 }
 
@@ -86,10 +89,35 @@ class UsageError(ValueError):
 
 
 def _usage():
-    lines = ["usage: e2rnas <command> [--config=configs/X.py] [--workdir=DIR]",
+    lines = ["usage: e2rnas <command> [--config=NAME|configs/X.py[:variant]] "
+             "[--workdir=DIR] [--config.FIELD=VALUE ...]",
              "", "commands:"]
     lines += [f"  {name:<10} {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += ["", "e2rnas <command> --help: the command's flags and config "
+              "fields."]
     return "\n".join(lines)
+
+
+def _load_config(argv):
+    """The config a prepared ``argv`` names, without its overrides."""
+    value = next(a.split("=", 1)[1] for a in argv
+                 if a.startswith("--config="))
+    path, _, variant = value.partition(":")
+    spec = importlib.util.spec_from_file_location("_e2rnas_config", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.get_config(variant) if variant else module.get_config()
+
+
+def _command_help(command, argv):
+    """``e2rnas <command> --help``: purpose, flags and config fields."""
+    function, _ = _resolve(command)
+    flag_help = {name: flags.FLAGS[name].help
+                 for name in ("config", "workdir", "overwrite", "debug",
+                              "genotype", "checkpoint", "export_base",
+                              "model_name", "serving_base_path", "output")}
+    return usage.command_help(command, COMMANDS[command][2], function.__doc__,
+                              _load_config(argv), flag_help)
 
 
 def _resolve(command):
@@ -155,7 +183,8 @@ def _main(argv, command_line):
     command = argv[1]
     if command not in COMMANDS:
         raise UsageError(
-            f"unknown command {command!r}; expected one of {list(COMMANDS)}")
+            f"unknown command {command!r}; expected one of {list(COMMANDS)}"
+            + usage.suggest(command, COMMANDS))
     config = _CONFIG.value
     if config is not None:
         try:
@@ -206,12 +235,32 @@ def _quiet_logs():
     absl_logging.set_verbosity(absl_logging.WARNING)
 
 
+_HELP = ("-h", "--help", "--helpshort", "--helpfull", "-?")
+
+
 def run():
     """Console-script entry point."""
     _quiet_logs()
     tf_startup.initialize_devices_quietly()
     command_line = ("e2rnas", *sys.argv[1:])
-    app.run(lambda argv: sys.exit(main(argv, command_line)),
+    try:
+        argv = usage.prepare_argv(sys.argv)
+    except ValueError as e:
+        command = sys.argv[1] if len(sys.argv) > 1 else ""
+        print(f"e2rnas {command}: error: {e}", file=sys.stderr)
+        sys.exit(2)
+    if any(a in _HELP for a in argv[1:]):
+        command = argv[1] if len(argv) > 1 else ""
+        if command in COMMANDS:
+            print(_command_help(command, argv), end="")
+            sys.exit(0)
+        if command and command not in _HELP:
+            print(f"e2rnas: error: unknown command {command!r}"
+                  + usage.suggest(command, COMMANDS), file=sys.stderr)
+            sys.exit(2)
+        print(_usage())
+        sys.exit(0)
+    app.run(lambda argv: sys.exit(main(argv, command_line)), argv=argv,
             flags_parser=_parse_flags)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ml_collections
 
-from e2rnas_tf.ops import PRIMITIVES
+from e2rnas_tf.space.ops import PRIMITIVES
 
 
 def data_config(**overrides):
@@ -333,7 +333,7 @@ def _data_source():
 
 def reproduce_config():
     """`e2rnas reproduce`: methods x seeds, each searched, retrained and
-    evaluated (`e2rnas_tf.reproduce`); configs/reproduce.py sets the scale."""
+    evaluated (`e2rnas_tf.experiments.reproduce`); configs/reproduce.py sets the scale."""
     c = ml_collections.ConfigDict()
     c.variant = "paper"
     # darts (acc only) | e2rnas (search.objectives, MGDA) | equal
@@ -352,7 +352,7 @@ def reproduce_config():
 
 def sweep_config():
     """`e2rnas sweep`: one search per resource target (and objective set),
-    each retrained and evaluated (`e2rnas_tf.sweep`)."""
+    each retrained and evaluated (`e2rnas_tf.experiments.sweep`)."""
     c = ml_collections.ConfigDict()
     c.variant = "paper"
     c.resource = "params"      # params | flops: the swept resource

@@ -33,7 +33,7 @@ import os
 
 import numpy as np
 
-from e2rnas_tf import genotypes as genotypes_lib
+from e2rnas_tf.space import genotypes as genotypes_lib
 
 __all__ = [
     "cell_figure", "plot_cell", "plot_genotype", "alpha_history_figure",
@@ -747,7 +747,7 @@ def _run_primitives(run):
 
 
 def _primitives_of(num_ops):
-    from e2rnas_tf.ops import PRIMITIVES
+    from e2rnas_tf.space.ops import PRIMITIVES
     if num_ops != len(PRIMITIVES):
         raise ValueError(
             f"alpha_history.npz has {num_ops} ops but no 'primitives' array; "

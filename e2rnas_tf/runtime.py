@@ -14,6 +14,7 @@ import tempfile
 import keras
 import numpy as np
 import tensorflow as tf
+
 # TF has no public switch back from op determinism.
 from tensorflow.python.framework import config as _tf_config
 

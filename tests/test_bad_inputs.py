@@ -477,8 +477,8 @@ def test_labels_out_of_range_are_refused():
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    from e2rnas_tf import export as export_lib
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf.serving import export as export_lib
+    from e2rnas_tf.space import model as model_lib
 
     tmp = tmp_path_factory.mktemp("serving")
     net = model_lib.DerivedNetwork("DARTS_V2", channels=4, layers=3,
@@ -594,7 +594,7 @@ def exported_any_size(tmp_path_factory):
     """A model that takes any image size: its serving_bytes cannot resize."""
     import keras
 
-    from e2rnas_tf import export as export_lib
+    from e2rnas_tf.serving import export as export_lib
 
     net = keras.Sequential([keras.Input((None, None, 3)),
                             keras.layers.Conv2D(2, 3),

@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import costs
-from e2rnas_tf import objectives
+from e2rnas_tf.search import objectives
+from e2rnas_tf.space import costs
 
 _TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
 
@@ -139,10 +139,10 @@ def test_pgd_loop_body_counts_once_per_step():
 
 
 def test_pgd_on_a_derived_network_matches_the_library_mac_count():
-    # An independent count: e2rnas_tf.costs reads forward multiply-adds of
+    # An independent count: e2rnas_tf.space.costs reads forward multiply-adds of
     # one image off its own trace. PGD-k = k forwards and k input
     # gradients, each costing one forward's multiply-adds.
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf.space import model as model_lib
 
     net = model_lib.DerivedNetwork("E2RNAS", channels=4, num_classes=10,
                                    layers=3)

@@ -7,12 +7,14 @@ import re
 import socket
 import subprocess
 import sys
+import zipfile
 
 import pytest
+from layer_test_util import search_network_counts
 
 from e2rnas_tf import tf_startup
-from e2rnas_tf.ops import PRIMITIVES
-from layer_test_util import search_network_counts
+from e2rnas_tf import usage
+from e2rnas_tf.space.ops import PRIMITIVES
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -234,3 +236,86 @@ def test_stderr_capture_restores_fd2_and_replays_on_failure(capfd):
     assert capfd.readouterr().err == "why the import failed\n"
     os.write(2, b"after\n")
     assert capfd.readouterr().err == "after\n"
+
+
+# --------------------------------------------------------------------------
+# Help, packaged configs, nearest names.
+# --------------------------------------------------------------------------
+
+
+def test_command_help_lists_flags_and_commented_fields(subprocess_env):
+    result = run(subprocess_env, "search", "--help")
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert out.startswith("e2rnas search: Run the E2RNAS architecture search.")
+    assert "  --workdir" in out and "  --overwrite" in out
+    assert "  --checkpoint" not in out  # not a search flag
+    fields = {line.split(" = ")[0].strip(): line for line in out.splitlines()
+              if " = " in line}
+    assert "first | second (unrolled)" in fields["arch.order"]
+    assert "embedded | folder" in fields["data.name"]
+    assert "derived" in fields["resource.estimate"]
+    # -h with a config: that config's values.
+    result = run(subprocess_env, "search", "-h",
+                 "--config=search_demo")
+    assert result.returncode == 0
+    assert "model.layers = 5" in result.stdout
+    assert "resource.estimate = 'derived'" in result.stdout
+    result = run(subprocess_env, "-h")
+    assert result.returncode == 0 and "commands:" in result.stdout
+
+
+def test_misspelt_command_and_config_name_suggest_the_nearest(subprocess_env):
+    for args in (("serach",), ("serach", "--help")):
+        result = run(subprocess_env, *args)
+        assert result.returncode == 2
+        assert result.stderr.strip().endswith("did you mean 'search'?"), \
+            result.stderr
+        assert len(result.stderr.strip().splitlines()) == 1
+    result = run(subprocess_env, "info", "--config=search_dmo")
+    assert_one_line_error(result, "--config=search_dmo: no such file, nor a "
+                          "packaged config", "did you mean 'search_demo'?")
+
+
+def test_packaged_configs_and_defaults(subprocess_env, tmp_path):
+    # By name, from any directory (what a wheel install has).
+    result = subprocess.run(
+        [sys.executable, "-m", "e2rnas_tf", "info",
+         "--config=search_e2rnas_published:cpu"], cwd=str(tmp_path),
+        env=subprocess_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    assert "params: authors cost model" in result.stdout
+    # Overrides without --config start from the command's defaults.
+    result = run(subprocess_env, "info", "--config.model.layers=3",
+                 "--config.model.channels=4")
+    assert result.returncode == 0, result.stderr
+    assert re.search(r"^supernet\s+3 cells, C=4,", result.stdout, re.M)
+
+
+def test_field_comments_come_from_config_lib():
+    comments = usage.field_comments()
+    assert comments["checkpoint_every"].startswith("steps between")
+    assert "tfds name" in comments["ood"]
+    assert usage.suggest("evalute", ["evaluate", "export"]) == \
+        "; did you mean 'evaluate'?"
+    assert usage.suggest("zzz", ["evaluate"]) == ""
+
+
+def test_a_wheel_ships_the_configs_and_the_client(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w",
+         str(tmp_path), str(REPO)], capture_output=True, text=True,
+        timeout=600)
+    assert result.returncode == 0, result.stderr[-2000:]
+    (wheel,) = tmp_path.glob("e2rnas_tf-*.whl")
+    with zipfile.ZipFile(wheel) as archive:
+        names = set(archive.namelist())
+        entry_points = next(archive.read(n).decode() for n in names
+                            if n.endswith("entry_points.txt"))
+    assert "e2rnas_tf/configs/search_demo.py" in names
+    assert "e2rnas_tf/configs/defaults.py" in names
+    assert "e2rnas_tf/serving/client.py" in names
+    assert "e2rnas_tf/assets/cifar10_subset.npz" in names
+    assert "e2rnas = e2rnas_tf.cli:run" in entry_points
+    assert "e2rnas-serving-client = e2rnas_tf.serving.client:main" in \
+        entry_points

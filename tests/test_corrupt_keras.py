@@ -10,11 +10,10 @@ import keras
 import numpy as np
 import pytest
 
-from e2rnas_tf import cli
-from e2rnas_tf import config_lib
-from e2rnas_tf import evaluate
-from e2rnas_tf import export as export_lib
+from e2rnas_tf import cli, config_lib
 from e2rnas_tf.runs import checkpoints as ckpt_lib
+from e2rnas_tf.serving import export as export_lib
+from e2rnas_tf.training import evaluate
 
 
 @pytest.fixture(scope="module")

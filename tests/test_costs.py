@@ -1,14 +1,12 @@
-"""Tests for e2rnas_tf.costs against hand-computed counts."""
+"""Tests for e2rnas_tf.space.costs against hand-computed counts."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import costs
-from e2rnas_tf import resources
-from e2rnas_tf import ops
-from e2rnas_tf import search_space
+from e2rnas_tf.search import resources
+from e2rnas_tf.space import costs, ops, search_space
 
 
 def _out(size, stride):

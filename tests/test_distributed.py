@@ -36,6 +36,7 @@ import subprocess
 import sys
 
 import numpy as np
+
 from tests.config_util import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,8 +129,8 @@ def run_search(strategy, config, ghost_groups, init_from=None, steps=STEPS):
     per-step alphas as [variable][replica] arrays)."""
     import tensorflow as tf
 
-    from e2rnas_tf import search_step
-    from e2rnas_tf.search_space import SearchNetwork
+    from e2rnas_tf.search import step as search_step
+    from e2rnas_tf.space.search_space import SearchNetwork
 
     with strategy.scope():
         net = SearchNetwork(cell_impl=config.model.cell_impl,
@@ -162,9 +163,9 @@ def run_train(strategy, config, ghost_groups, init_from=None):
     returns (model, its initial snapshot, per-step metric dicts)."""
     import tensorflow as tf
 
-    from e2rnas_tf import model as model_lib
     from e2rnas_tf import optim
-    from e2rnas_tf import train as train_lib
+    from e2rnas_tf.space import model as model_lib
+    from e2rnas_tf.training import train as train_lib
 
     with strategy.scope():
         model = model_lib.DerivedNetwork(
@@ -315,7 +316,7 @@ def mirrored_xla_main():
     # The evaluation step, each replica's inference compiled: 12 test
     # images in batches of 8 (the last one padded and masked).
     from e2rnas_tf import data as data_lib
-    from e2rnas_tf import train as train_lib
+    from e2rnas_tf.training import train as train_lib
 
     rng = np.random.default_rng(4)
     test = data_lib.ArrayData(
@@ -340,8 +341,8 @@ def worker_main(workdir):
     ``workdir/result.json``."""
     import json
 
-    from e2rnas_tf import genotypes
     from e2rnas_tf import runtime
+    from e2rnas_tf.space import genotypes
 
     cfg = search_config(**{"strategy.name": "multi_worker"})
     # A fresh process: its set-up holds until it exits.

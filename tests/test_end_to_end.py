@@ -9,7 +9,7 @@ import sys
 import numpy as np
 import pytest
 
-from e2rnas_tf import genotypes
+from e2rnas_tf.space import genotypes
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PRIMITIVES = ("none", "max_pool_3x3", "skip_connect", "sep_conv_3x3")

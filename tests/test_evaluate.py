@@ -1,6 +1,6 @@
-"""Tests for e2rnas_tf.evaluate: cleverhans attacks against analytic
+"""Tests for e2rnas_tf.training.evaluate: cleverhans attacks against analytic
 answers, the sanity checks, agreement with the in-graph attacks of
-e2rnas_tf.objectives, float32 evaluation of mixed-precision models and the
+e2rnas_tf.search.objectives, float32 evaluation of mixed-precision models and the
 ``e2rnas evaluate`` command end to end."""
 
 import importlib.util
@@ -12,13 +12,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import costs
-from e2rnas_tf import cli
-from e2rnas_tf import config_lib
-from e2rnas_tf import evaluate
+from e2rnas_tf import cli, config_lib
+from e2rnas_tf.space import costs
+from e2rnas_tf.training import evaluate
 
-HAS_OBJECTIVES = importlib.util.find_spec("e2rnas_tf.objectives") is not None
-HAS_MODEL = importlib.util.find_spec("e2rnas_tf.model") is not None
+HAS_OBJECTIVES = importlib.util.find_spec("e2rnas_tf.search.objectives") is not None
+HAS_MODEL = importlib.util.find_spec("e2rnas_tf.space.model") is not None
 
 SHAPE = (4, 4, 3)
 DIM = int(np.prod(SHAPE))
@@ -263,9 +262,9 @@ def test_invalid_settings_are_rejected():
 
 
 @pytest.mark.xfail(not HAS_OBJECTIVES, raises=ImportError, strict=True,
-                   reason="e2rnas_tf.objectives (in-graph attacks) missing")
+                   reason="e2rnas_tf.search.objectives (in-graph attacks) missing")
 def test_cleverhans_agrees_with_objectives_attacks():
-    from e2rnas_tf import objectives
+    from e2rnas_tf.search import objectives
 
     model = _conv_model(seed=2)
     rng = np.random.RandomState(2)
@@ -334,10 +333,10 @@ def test_mixed_precision_model_is_attacked_in_float32():
 # The command line, end to end.
 
 
-@pytest.mark.skipif(not HAS_MODEL, reason="e2rnas_tf.model missing")
+@pytest.mark.skipif(not HAS_MODEL, reason="e2rnas_tf.space.model missing")
 def test_evaluate_command_end_to_end(tmp_path):
-    from e2rnas_tf import genotypes
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf.space import genotypes
+    from e2rnas_tf.space import model as model_lib
 
     config = config_lib.train_config()
     config.data.image_size = 8

@@ -9,12 +9,11 @@ import keras
 import numpy as np
 import pytest
 
-from e2rnas_tf import cli
-from e2rnas_tf import config_lib
+from e2rnas_tf import cli, config_lib
 from e2rnas_tf import data as data_lib
-from e2rnas_tf import evaluate
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import workdir as workdir_lib
+from e2rnas_tf.training import evaluate
 from tests.config_util import set_fields
 
 

@@ -1,4 +1,4 @@
-"""Tests for e2rnas_tf.export: the SavedModel as TF Serving would load it."""
+"""Tests for e2rnas_tf.serving.export: the SavedModel as TF Serving would load it."""
 
 import base64
 import io
@@ -15,13 +15,12 @@ from google.protobuf import text_format
 from PIL import Image
 from tensorflow_serving.config import model_server_config_pb2
 
-from e2rnas_tf import costs
 from e2rnas_tf import cli
 from e2rnas_tf import data as data_lib
-from e2rnas_tf import export as export_lib
 from e2rnas_tf.runs import checkpoints as ckpt_lib
-from e2rnas_tf import genotypes
-from e2rnas_tf import model as model_lib
+from e2rnas_tf.serving import export as export_lib
+from e2rnas_tf.space import costs, genotypes
+from e2rnas_tf.space import model as model_lib
 
 SIZE = 8
 CLASSES = 3

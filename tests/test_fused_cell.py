@@ -1,4 +1,4 @@
-"""Parity of e2rnas_tf.fused_cell.FusedSearchCell with search_space.SearchCell.
+"""Parity of e2rnas_tf.space.fused_cell.FusedSearchCell with search_space.SearchCell.
 
 The reference cell is the independent oracle: weights are copied into the
 fused cell and outputs, moving statistics and every gradient must agree.
@@ -10,11 +10,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import costs
-from e2rnas_tf import topology
-from e2rnas_tf import fused_cell
-from e2rnas_tf import ops
-from e2rnas_tf import search_space
+from e2rnas_tf.space import costs, fused_cell, ops, search_space, topology
 
 C = 4
 BATCH = 3
@@ -299,7 +295,8 @@ def test_search_step_runs_without_onednn(subprocess_env):
 
     script = """
 import numpy as np, tensorflow as tf
-from e2rnas_tf import fused_cell, search_space
+from e2rnas_tf.space import fused_cell
+from e2rnas_tf.space import search_space
 assert not fused_cell.grouped_conv_differentiable(tf.float32)
 net = search_space.SearchNetwork(channels=4, num_classes=10, layers=3,
                                  steps=2, multiplier=2, cell_impl="fused")

@@ -1,4 +1,4 @@
-"""Tests for e2rnas_tf.genotypes: derivation on hand-built weights, JSON
+"""Tests for e2rnas_tf.space.genotypes: derivation on hand-built weights, JSON
 round-trips, every validation error and `get`."""
 
 import json
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import genotypes as gt
-from e2rnas_tf.ops import PRIMITIVES
+from e2rnas_tf.space import genotypes as gt
+from e2rnas_tf.space.ops import PRIMITIVES
 
 P = {name: k for k, name in enumerate(PRIMITIVES)}
 CONCAT = (2, 3, 4, 5)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from e2rnas_tf import config_lib
-from e2rnas_tf import info
+from e2rnas_tf.search import info
 from tests.conftest import REPO
 
 SCALE = dict(num_classes=10, image_size=16)

@@ -1,11 +1,11 @@
-"""Tests for e2rnas_tf.mgda against NumPy/SciPy references."""
+"""Tests for e2rnas_tf.search.mgda against NumPy/SciPy references."""
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from scipy import optimize
 
-from e2rnas_tf import mgda
+from e2rnas_tf.search import mgda
 
 # Relative tolerance on the min-norm objective (scale = largest |g_k|^2). The
 # returned weights are float32, which alone costs about 1e-8.

@@ -1,14 +1,12 @@
-"""Tests for e2rnas_tf.model: the derived network, its cells and heads."""
+"""Tests for e2rnas_tf.space.model: the derived network, its cells and heads."""
 
+import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-import keras
 
-from e2rnas_tf import costs
-from e2rnas_tf import genotypes
-from e2rnas_tf import model as model_lib
-from e2rnas_tf import ops
+from e2rnas_tf.space import costs, genotypes, ops
+from e2rnas_tf.space import model as model_lib
 
 # Published DARTS (V2) at 20 cells, C=36, 10 classes, without the auxiliary
 # head: 3.3M in the paper; 3,349,342 with PyTorch DARTS' own counter

@@ -1,4 +1,4 @@
-"""Tests for e2rnas_tf.objectives: losses, attacks and the OOD term,
+"""Tests for e2rnas_tf.search.objectives: losses, attacks and the OOD term,
 against analytic, NumPy and finite-difference references."""
 
 import keras
@@ -7,8 +7,8 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import config_lib
-from e2rnas_tf import objectives
-from e2rnas_tf import search_space
+from e2rnas_tf.search import objectives
+from e2rnas_tf.space import search_space
 
 EPS = 8.0 / 255.0
 

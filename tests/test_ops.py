@@ -1,4 +1,4 @@
-"""Tests for e2rnas_tf.ops: every candidate op as a Keras layer, NumPy
+"""Tests for e2rnas_tf.space.ops: every candidate op as a Keras layer, NumPy
 references for the padding/pooling/batch-norm maths, pinned parameter
 counts and argument validation."""
 
@@ -8,9 +8,9 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-
-from e2rnas_tf import ops
 from layer_test_util import check_layer, count, op_counts
+
+from e2rnas_tf.space import ops
 
 EPS = ops.BN_EPSILON
 

@@ -12,7 +12,7 @@ import sys
 import keras
 import numpy as np
 
-from e2rnas_tf import model as model_lib
+from e2rnas_tf.space import model as model_lib
 
 LOAD = r"""
 import sys
@@ -35,7 +35,7 @@ at_import = set(keras.saving.get_custom_objects())
 loaded = sorted(m for m in sys.modules
                 if m.split(".")[0] in ("tensorflow_datasets", "cleverhans")
                 or m in ("e2rnas_tf.cli", "e2rnas_tf.plots", "e2rnas_tf.data",
-                         "e2rnas_tf.train", "e2rnas_tf.search"))
+                         "e2rnas_tf.training.train", "e2rnas_tf.search.run"))
 # Now every module of the package: which of its Keras classes are
 # registered at all, and were they registered by the package import alone?
 for info in pkgutil.iter_modules(e2rnas_tf.__path__):

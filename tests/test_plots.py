@@ -10,10 +10,9 @@ import pytest
 from matplotlib import patches
 from PIL import Image
 
-from e2rnas_tf import cli
-from e2rnas_tf import genotypes
-from e2rnas_tf import plots
-from e2rnas_tf.ops import PRIMITIVES
+from e2rnas_tf import cli, plots
+from e2rnas_tf.space import genotypes
+from e2rnas_tf.space.ops import PRIMITIVES
 
 # The Agg backend, as the library selects it: no display needed.
 plt = plots._pyplot()

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf.runs import checkpoints as checkpointing
-from e2rnas_tf.runs import context as run_context
 from e2rnas_tf import config_lib
 from e2rnas_tf import data as data_lib
-from e2rnas_tf import train as train_lib
-from e2rnas_tf.search_space import SearchNetwork
+from e2rnas_tf.runs import checkpoints as checkpointing
+from e2rnas_tf.runs import context as run_context
+from e2rnas_tf.space.search_space import SearchNetwork
+from e2rnas_tf.training import train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _BATCHES = data_lib.batches
@@ -548,8 +548,8 @@ def test_search_sigkill_then_resume_is_identical(search_reference, tmp_path,
 
 def test_search_stops_after_consecutive_skips_with_a_good_checkpoint(
         tmp_path, monkeypatch):
-    from e2rnas_tf import search as search_lib
-    from e2rnas_tf import search_step as step_lib
+    from e2rnas_tf.search import run as search_lib
+    from e2rnas_tf.search import step as step_lib
 
     real = search_lib.data_lib.batches
 

@@ -11,8 +11,7 @@ import numpy as np
 import pytest
 
 from e2rnas_tf import config_lib
-from e2rnas_tf import pipeline
-from e2rnas_tf import reproduce
+from e2rnas_tf.experiments import pipeline, reproduce
 from e2rnas_tf.runs import workdir as workdir_lib
 from tests.conftest import REPO
 

@@ -1,4 +1,4 @@
-"""Tests for e2rnas_tf.resources: constraints, cost models (measured, the
+"""Tests for e2rnas_tf.search.resources: constraints, cost models (measured, the
 authors' closed forms), estimates (expected, derived, Gumbel), against hand
 computations, the built ops and finite differences."""
 
@@ -6,13 +6,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import costs
-from e2rnas_tf import topology
-from e2rnas_tf import genotypes
-from e2rnas_tf import ops
-from e2rnas_tf import resources
-from e2rnas_tf import search_space
-
+from e2rnas_tf.search import resources
+from e2rnas_tf.space import costs, genotypes, ops, search_space, topology
 
 # ---------------------------------------------------------------------------
 # Constraints.
@@ -364,7 +359,7 @@ def test_derived_weights_match_genotypes_derive(ties):
 def test_derived_estimate_is_the_derived_network_with_the_expected_gradient():
     """Value: the parameters of the network the DARTS rule derives, counted
     on the built DerivedNetwork; gradient: exactly the expected cost's."""
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf.space import model as model_lib
 
     table = resources.measured_table("params", channels=8, layers=5,
                                      num_classes=10, image_size=16)

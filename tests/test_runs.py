@@ -9,9 +9,7 @@ import time
 import pytest
 
 from e2rnas_tf import config_lib
-from e2rnas_tf.runs import context
-from e2rnas_tf.runs import files
-from e2rnas_tf.runs import metrics
+from e2rnas_tf.runs import context, files, metrics
 from e2rnas_tf.runs import workdir as workdir_lib
 
 

@@ -9,8 +9,7 @@ import pytest
 import tensorflow as tf
 from tensorflow.python.framework import config as tf_config
 
-from e2rnas_tf import config_lib
-from e2rnas_tf import runtime
+from e2rnas_tf import config_lib, runtime
 
 
 def _config(**fields):

@@ -1,4 +1,4 @@
-"""Tests of the E2RNAS search step and run (`e2rnas_tf.search*`).
+"""Tests of the E2RNAS search step and run (`e2rnas_tf.search`).
 
 Tiny sizes throughout: 3 cells of 2 nodes, 4 channels, 4 candidate ops,
 8x8 images, batch 8. Single steps run eagerly (tracing the step costs more
@@ -16,13 +16,13 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import config_lib
-from e2rnas_tf import genotypes
-from e2rnas_tf import objectives as obj_lib
-from e2rnas_tf import resources
-from e2rnas_tf import search
-from e2rnas_tf import search_step as step_lib
 from e2rnas_tf.runs import metrics
-from e2rnas_tf.search_space import SearchNetwork
+from e2rnas_tf.search import objectives as obj_lib
+from e2rnas_tf.search import resources
+from e2rnas_tf.search import run as search
+from e2rnas_tf.search import step as step_lib
+from e2rnas_tf.space import genotypes
+from e2rnas_tf.space.search_space import SearchNetwork
 from tests.config_util import set_fields
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -1,4 +1,4 @@
-"""Tests for e2rnas_tf.search_space: MixedOp, SearchCell and SearchNetwork
+"""Tests for e2rnas_tf.space.search_space: MixedOp, SearchCell and SearchNetwork
 (layer checks, the mixed-op maths, alphas, parameter counts, `.keras`
 round-trip, argument validation)."""
 
@@ -8,12 +8,16 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from layer_test_util import (
+    check_layer,
+    count,
+    mixed_op_counts,
+    search_cell_counts,
+    search_network_counts,
+)
 
-from e2rnas_tf import ops
-from e2rnas_tf import topology
-from e2rnas_tf import search_space as ss
-from layer_test_util import (check_layer, count, mixed_op_counts,
-                             search_cell_counts, search_network_counts)
+from e2rnas_tf.space import ops, topology
+from e2rnas_tf.space import search_space as ss
 
 PRIMS = ops.PRIMITIVES
 

@@ -1,4 +1,5 @@
-"""Tests for tools/serving_client.py against the documented formats.
+"""Tests for e2rnas_tf.serving.client (`e2rnas-serving-client`) against
+the documented formats.
 
 No model server runs here (the binary is not installable on this machine):
 request building and response parsing are checked against TF Serving's
@@ -21,13 +22,9 @@ from google.protobuf import json_format
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 
-from e2rnas_tf import export as export_lib
+from e2rnas_tf.serving import export as export_lib
 
-_PATH = os.path.join(os.path.dirname(__file__), "..", "tools",
-                     "serving_client.py")
-_spec = importlib.util.spec_from_file_location("serving_client", _PATH)
-sc = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(sc)
+from e2rnas_tf.serving import client as sc
 
 get_model_metadata_pb2 = pytest.importorskip(
     "tensorflow_serving.apis.get_model_metadata_pb2")

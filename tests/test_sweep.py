@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from e2rnas_tf import sweep
+from e2rnas_tf.experiments import sweep
 from tests.conftest import REPO
 
 
@@ -97,7 +97,7 @@ def _front_point(tmp_path, name, params_m, clean, robust, pareto=True,
     """A sweep point whose model is a tiny saved DerivedNetwork."""
     import keras
 
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf.space import model as model_lib
 
     run = tmp_path / "runs" / name / "train"
     run.mkdir(parents=True)

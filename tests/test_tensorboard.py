@@ -14,9 +14,9 @@ from tensorboard.backend.event_processing import event_accumulator
 from tensorboard.plugins.hparams import metadata as hp_metadata
 from tensorboard.plugins.hparams import plugin_data_pb2
 
-from e2rnas_tf import genotypes
 from e2rnas_tf import tensorboard as tb
-from e2rnas_tf.ops import PRIMITIVES
+from e2rnas_tf.space import genotypes
+from e2rnas_tf.space.ops import PRIMITIVES
 
 
 def _weights(seed, edges=14):

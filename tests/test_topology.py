@@ -1,7 +1,7 @@
-"""e2rnas_tf.topology: cells, edges, reductions and widths, by hand."""
+"""e2rnas_tf.space.topology: cells, edges, reductions and widths, by hand."""
 
-from e2rnas_tf import topology
-from e2rnas_tf.search_space import SearchNetwork
+from e2rnas_tf.space import topology
+from e2rnas_tf.space.search_space import SearchNetwork
 
 
 def test_num_edges_and_edge_inputs():

@@ -1,4 +1,4 @@
-"""Tests for e2rnas_tf.train: schedules, the compiled step, `e2rnas train`."""
+"""Tests for e2rnas_tf.training.train: schedules, the compiled step, `e2rnas train`."""
 
 import json
 import math
@@ -13,14 +13,12 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import costs
-from e2rnas_tf import config_lib
+from e2rnas_tf import config_lib, optim
 from e2rnas_tf import data as data_lib
-from e2rnas_tf import genotypes
-from e2rnas_tf import model as model_lib
-from e2rnas_tf import optim
-from e2rnas_tf import train as train_lib
 from e2rnas_tf.runs import workdir as workdir_lib
+from e2rnas_tf.space import costs, genotypes
+from e2rnas_tf.space import model as model_lib
+from e2rnas_tf.training import train as train_lib
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 

@@ -13,8 +13,8 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import config_lib
-from e2rnas_tf import model as model_lib
-from e2rnas_tf import train as train_lib
+from e2rnas_tf.space import model as model_lib
+from e2rnas_tf.training import train as train_lib
 
 
 def _config():

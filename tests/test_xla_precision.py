@@ -20,18 +20,20 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
+from test_distributed import (
+    batches,
+    restore,
+    run_search,
+    run_train,
+    search_config,
+    snapshot,
+    train_config,
+)
 
-from e2rnas_tf import evaluate as evaluate_lib
-from e2rnas_tf import genotypes
-from e2rnas_tf import search_step
-from e2rnas_tf import train as train_lib
-from test_distributed import batches
-from test_distributed import restore
-from test_distributed import run_search
-from test_distributed import run_train
-from test_distributed import search_config
-from test_distributed import snapshot
-from test_distributed import train_config
+from e2rnas_tf.search import step as search_step
+from e2rnas_tf.space import genotypes
+from e2rnas_tf.training import evaluate as evaluate_lib
+from e2rnas_tf.training import train as train_lib
 
 
 @pytest.fixture
@@ -110,7 +112,7 @@ def test_xla_train_step_matches_uncompiled():
 
 
 def test_xla_evaluation_attacks_match_uncompiled():
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf.space import model as model_lib
 
     keras.utils.set_random_seed(0)
     model = model_lib.DerivedNetwork("DARTS_V2", channels=4, num_classes=10,
@@ -176,7 +178,7 @@ def test_bfloat16_training_step_is_close_to_float32(policy):
 def _float16_step(init, loss_scale, cell_impl="reference"):
     single = tf.distribute.get_strategy()
     cfg = search_config(mixed_precision="mixed_float16")
-    from e2rnas_tf.search_space import SearchNetwork
+    from e2rnas_tf.space.search_space import SearchNetwork
     net = SearchNetwork(channels=4, num_classes=10, layers=3, steps=2,
                         multiplier=2, primitives=cfg.model.primitives,
                         alpha_seed=0, cell_impl=cell_impl)

@@ -48,7 +48,7 @@ Reported per run (one JSON line per run with ``--json out.jsonl``):
   (`live_ops`: a tape emits kernels nobody uses, which the runtime
   prunes), loop bodies times their ``maximum_iterations``, the costlier
   branch of a conditional. Checked against hand counts on single layers
-  and, for PGD on a derived network, against `e2rnas_tf.costs` (tests/
+  and, for PGD on a derived network, against `e2rnas_tf.space.costs` (tests/
   test_benchmark_tool.py). The count is of the TensorFlow graph, so it is
   the same with and without XLA. Batch norm, activations, pooling,
   element-wise and optimizer arithmetic are not counted: they are
@@ -560,9 +560,9 @@ def _synthetic(strategy, batch, size, seed):
 
 def _search_workload(args, record):
     from e2rnas_tf import runtime
-    from e2rnas_tf import search_step as step_lib
-    from e2rnas_tf.costs import count_params
-    from e2rnas_tf.search_space import SearchNetwork
+    from e2rnas_tf.search import step as step_lib
+    from e2rnas_tf.space.costs import count_params
+    from e2rnas_tf.space.search_space import SearchNetwork
 
     order = "second" if args.workload == "search2" else "first"
     config, size = make_config(args.config, order)
@@ -599,8 +599,8 @@ def _search_workload(args, record):
 
 
 def _derived_model(config, size, auxiliary):
-    from e2rnas_tf import genotypes as genotypes_lib
-    from e2rnas_tf import model as model_lib
+    from e2rnas_tf.space import genotypes as genotypes_lib
+    from e2rnas_tf.space import model as model_lib
 
     model = model_lib.DerivedNetwork(
         genotypes_lib.get(config.genotype), channels=config.model.channels,
@@ -613,10 +613,9 @@ def _derived_model(config, size, auxiliary):
 def _train_workload(args, record):
     import tensorflow as tf
 
-    from e2rnas_tf import costs
-    from e2rnas_tf import optim
-    from e2rnas_tf import runtime
-    from e2rnas_tf import train as train_lib
+    from e2rnas_tf import optim, runtime
+    from e2rnas_tf.space import costs
+    from e2rnas_tf.training import train as train_lib
 
     config, size = make_train_config(args.config, args.genotype)
     with config.unlocked():
@@ -657,10 +656,9 @@ def _train_workload(args, record):
 def _pgd_workload(args, record):
     import tensorflow as tf
 
-    from e2rnas_tf import config_lib
-    from e2rnas_tf import costs
-    from e2rnas_tf import objectives as obj_lib
-    from e2rnas_tf import runtime
+    from e2rnas_tf import config_lib, runtime
+    from e2rnas_tf.search import objectives as obj_lib
+    from e2rnas_tf.space import costs
 
     config, size = make_train_config(args.config, args.genotype)
     with config.unlocked():
@@ -728,7 +726,7 @@ def _profile(args, parts):
     """Times the search step's parts as separate compiled functions."""
     import tensorflow as tf
 
-    from e2rnas_tf import objectives as obj_lib
+    from e2rnas_tf.search import objectives as obj_lib
 
     net, config, valid = parts["net"], parts["config"], parts["valid"]
     if parts["strategy"].num_replicas_in_sync > 1:

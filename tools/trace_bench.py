@@ -45,7 +45,7 @@ def _network(impl, layers, channels):
     import functools
     from unittest import mock
 
-    from e2rnas_tf import fused_cell, search_space
+    from e2rnas_tf.space import fused_cell, search_space
     kwargs = dict(channels=channels, num_classes=10, layers=layers,
                   alpha_seed=0)
     if impl != "reference":

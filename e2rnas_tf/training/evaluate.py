@@ -41,12 +41,12 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from e2rnas_tf import costs
 from e2rnas_tf import data as data_lib
 from e2rnas_tf import runtime
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import files
 from e2rnas_tf.runs import workdir as workdir_lib
+from e2rnas_tf.space import costs
 
 __all__ = ["ATTACKS", "EvaluationError", "check_output", "cleverhans_attack",
            "evaluate", "evaluate_model", "float32_model", "format_table",

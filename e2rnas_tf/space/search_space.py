@@ -11,9 +11,9 @@ from __future__ import annotations
 import keras
 import tensorflow as tf
 
-from e2rnas_tf import ops as ops_lib
-from e2rnas_tf import topology
-from e2rnas_tf.fused_cell import FusedSearchCell
+from e2rnas_tf.space import ops as ops_lib
+from e2rnas_tf.space import topology
+from e2rnas_tf.space.fused_cell import FusedSearchCell
 
 _PACKAGE = "e2rnas_tf"
 

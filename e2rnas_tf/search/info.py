@@ -16,11 +16,11 @@ import numpy as np
 import tensorflow as tf
 
 from e2rnas_tf import data as data_lib
-from e2rnas_tf import resources
 from e2rnas_tf import runtime
-from e2rnas_tf import search_step
-from e2rnas_tf.costs import count_params
-from e2rnas_tf.search_space import SearchNetwork
+from e2rnas_tf.search import resources
+from e2rnas_tf.search import step as search_step
+from e2rnas_tf.space.costs import count_params
+from e2rnas_tf.space.search_space import SearchNetwork
 
 # What pushing a cost down means, per kind.
 _CHEAPER = {"params": "parameter-free ops", "flops": "cheaper ops"}

@@ -59,7 +59,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from e2rnas_tf import ops as ops_lib
+from e2rnas_tf.space import ops as ops_lib
 
 # No import of search_space: it may import this module to offer the fused
 # cell as an implementation choice of SearchNetwork.

@@ -40,9 +40,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from e2rnas_tf import costs
-from e2rnas_tf import ops as ops_lib
-from e2rnas_tf import topology
+from e2rnas_tf.space import costs, topology
+from e2rnas_tf.space import ops as ops_lib
 
 __all__ = [
     "CONSTRAINTS", "COST_MODELS", "ESTIMATES", "KINDS", "ResourceTable",

@@ -30,13 +30,13 @@ import time
 import keras
 import numpy as np
 
-from e2rnas_tf import export as export_lib
-from e2rnas_tf import pipeline
 from e2rnas_tf import runtime
+from e2rnas_tf.experiments import pipeline
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import files
 from e2rnas_tf.runs import workdir as workdir_lib
-from e2rnas_tf import resources
+from e2rnas_tf.search import resources
+from e2rnas_tf.serving import export as export_lib
 
 KINDS = ("params", "flops")
 
@@ -259,8 +259,8 @@ def sweep(config, workdir, *, export_base=None, overwrite=False, command="",
 
 
 def _sweep(config, workdir, *, export_base, overwrite, command, log):
-    from e2rnas_tf import genotypes as genotypes_lib
     from e2rnas_tf import plots
+    from e2rnas_tf.space import genotypes as genotypes_lib
 
     export_base = export_base or os.path.join(workdir, "serving")
     robust_key = (config.robust.attack, f"{float(config.robust.eps):g}")

@@ -27,12 +27,9 @@ import functools
 
 import tensorflow as tf
 
-from e2rnas_tf import mgda
-from e2rnas_tf import optim
-from e2rnas_tf import objectives as obj_lib
-from e2rnas_tf import resources
-from e2rnas_tf import runtime
-from e2rnas_tf import schedules
+from e2rnas_tf import optim, runtime, schedules
+from e2rnas_tf.search import mgda, resources
+from e2rnas_tf.search import objectives as obj_lib
 
 OBJECTIVES = ("acc", "adv", "params", "flops", "ood")
 NETWORK_OBJECTIVES = ("acc", "adv", "ood")

@@ -48,9 +48,9 @@ import tensorflow as tf
 from google.protobuf import text_format
 from tensorflow_serving.config import model_server_config_pb2
 
-from e2rnas_tf import costs
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import files
+from e2rnas_tf.space import costs
 
 __all__ = [
     "ExportError", "export", "main", "next_version", "served_versions",

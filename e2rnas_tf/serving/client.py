@@ -2,9 +2,9 @@
 
 Usage (a server started as in the README, model name ``e2rnas``)::
 
-    python tools/serving_client.py cat.png ship.jpg --model_name=e2rnas
-    python tools/serving_client.py cat.jpg --signature=serving_bytes
-    python tools/serving_client.py cat.png --protocol=grpc --top_k=3 \\
+    e2rnas-serving-client cat.png ship.jpg --model_name=e2rnas
+    e2rnas-serving-client cat.jpg --signature=serving_bytes
+    e2rnas-serving-client cat.png --protocol=grpc --top_k=3 \\
         --metadata=/serving/e2rnas/1/assets.extra/e2rnas_metadata.json
 
 REST: ``POST http://HOST:8501/v1/models/NAME[/versions/V|/labels/L]:predict``
@@ -296,9 +296,11 @@ def _open_json(request, timeout):
 
 def _serving_apis():
     try:
-        from tensorflow_serving.apis import get_model_metadata_pb2
-        from tensorflow_serving.apis import predict_pb2
-        from tensorflow_serving.apis import prediction_service_pb2_grpc
+        from tensorflow_serving.apis import (
+            get_model_metadata_pb2,
+            predict_pb2,
+            prediction_service_pb2_grpc,
+        )
     except ImportError:
         raise ServingError(
             "gRPC needs the tensorflow-serving-api package "
@@ -506,6 +508,7 @@ def image_size_from_shape(shape):
 
 def _parser():
     p = argparse.ArgumentParser(
+        prog="e2rnas-serving-client",
         description="Classify images with a TF Serving E2RNAS model.")
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--host", default="localhost")
@@ -585,10 +588,11 @@ def run(argv=None):
 
 
 def main(argv=None):
+    """The ``e2rnas-serving-client`` console script."""
     try:
         return run(argv)
     except (ValueError, OSError) as e:
-        print(f"serving_client: error: {e}", file=sys.stderr)
+        print(f"e2rnas-serving-client: error: {e}", file=sys.stderr)
         return 2
 
 

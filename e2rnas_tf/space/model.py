@@ -20,9 +20,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from e2rnas_tf import genotypes as genotypes_lib
-from e2rnas_tf import ops as ops_lib
-from e2rnas_tf import topology
+from e2rnas_tf.space import genotypes as genotypes_lib
+from e2rnas_tf.space import ops as ops_lib
+from e2rnas_tf.space import topology
 
 __all__ = ["AuxiliaryHead", "DerivedCell", "DerivedNetwork", "drop_path"]
 

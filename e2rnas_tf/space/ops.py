@@ -14,8 +14,8 @@ Reference:
 
 from __future__ import annotations
 
-import numpy as np
 import keras
+import numpy as np
 import tensorflow as tf
 
 PRIMITIVES = (

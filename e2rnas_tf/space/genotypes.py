@@ -20,7 +20,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from e2rnas_tf.ops import PRIMITIVES
+from e2rnas_tf.space.ops import PRIMITIVES
 
 __all__ = ["Genotype", "GenotypeError", "PUBLISHED", "derive", "get"]
 

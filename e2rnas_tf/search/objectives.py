@@ -6,7 +6,7 @@ the network's outputs: the clean validation cross-entropy (``acc``), the
 cross-entropy on adversarial examples (``adv``, with the attacks that make
 them) and the out-of-distribution term (``ood``: KL divergence of the
 softmax on out-of-distribution images from the uniform distribution). The
-resource objectives (``params``, ``flops``) live in `e2rnas_tf.resources`.
+resource objectives (``params``, ``flops``) live in `e2rnas_tf.search.resources`.
 Nothing here owns a model: losses take logits, attacks take a
 ``model_fn``.
 

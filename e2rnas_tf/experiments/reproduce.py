@@ -40,7 +40,7 @@ import shlex
 import time
 
 from e2rnas_tf import config_lib
-from e2rnas_tf import pipeline
+from e2rnas_tf.experiments import pipeline
 from e2rnas_tf.runs import files
 from e2rnas_tf.runs import workdir as workdir_lib
 
@@ -115,7 +115,7 @@ def method_configs(config, method, seed):
 @functools.lru_cache(maxsize=4)
 def _published_scale_table(num_classes, steps, multiplier):
     # The scale papers quote cells at (DARTS, E2RNAS): 20 cells, C=36, 32x32.
-    from e2rnas_tf import resources
+    from e2rnas_tf.search import resources
 
     return resources.measured_table(
         "params", channels=36, layers=20, num_classes=num_classes,
@@ -125,8 +125,8 @@ def _published_scale_table(num_classes, steps, multiplier):
 def cell_params_m(genotype, num_classes):
     """Parameters (millions) of a genotype as a 20-cell, C=36 network: one
     yardstick for every method, whatever scale its objectives used."""
-    from e2rnas_tf import genotypes as genotypes_lib
-    from e2rnas_tf import resources
+    from e2rnas_tf.search import resources
+    from e2rnas_tf.space import genotypes as genotypes_lib
 
     g = genotypes_lib.Genotype.from_dict(genotype)
     weights = resources.genotype_weights(g)
@@ -288,8 +288,8 @@ def _describe_data(config):
 
 def write_results(results_dir, records, config, meta):
     """results.md, results.json, cells/ and tradeoff.png|svg."""
-    from e2rnas_tf import genotypes as genotypes_lib
     from e2rnas_tf import plots
+    from e2rnas_tf.space import genotypes as genotypes_lib
 
     os.makedirs(results_dir, exist_ok=True)
     summary = summarize(records, tuple(config.methods))

@@ -42,19 +42,19 @@ import numpy as np
 import tensorflow as tf
 
 from e2rnas_tf import data as data_lib
-from e2rnas_tf import genotypes
-from e2rnas_tf import ood as ood_lib
 from e2rnas_tf import plots as plots_lib
-from e2rnas_tf import resources
 from e2rnas_tf import runtime
-from e2rnas_tf import search_step as step_lib
 from e2rnas_tf import tensorboard as tb_lib
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import context as run_lib
 from e2rnas_tf.runs import files
 from e2rnas_tf.runs import workdir as workdir_lib
-from e2rnas_tf.search_space import SearchNetwork
-from e2rnas_tf.costs import count_params
+from e2rnas_tf.search import ood as ood_lib
+from e2rnas_tf.search import resources
+from e2rnas_tf.search import step as step_lib
+from e2rnas_tf.space import genotypes
+from e2rnas_tf.space.costs import count_params
+from e2rnas_tf.space.search_space import SearchNetwork
 
 EVAL_SPLITS = ("test", "valid")
 

@@ -41,19 +41,17 @@ import time
 import keras
 import tensorflow as tf
 
-from e2rnas_tf import costs
 from e2rnas_tf import data as data_lib
-from e2rnas_tf import genotypes as genotypes_lib
-from e2rnas_tf import model as model_lib
-from e2rnas_tf import objectives
-from e2rnas_tf import optim
-from e2rnas_tf import runtime
-from e2rnas_tf import schedules
+from e2rnas_tf import optim, runtime, schedules
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import context as run_lib
 from e2rnas_tf.runs import files
 from e2rnas_tf.runs import metrics as metrics_lib
 from e2rnas_tf.runs import workdir as workdir_lib
+from e2rnas_tf.search import objectives
+from e2rnas_tf.space import costs
+from e2rnas_tf.space import genotypes as genotypes_lib
+from e2rnas_tf.space import model as model_lib
 
 __all__ = ["TrainingDiverged", "drop_path_at", "main", "train"]
 

@@ -123,7 +123,7 @@ def stage_seconds(stage_dir):
 
 def search_stage(config, stage_dir, *, overwrite=False, log=print):
     """`search.search` as a stage; returns genotype, its size and timings."""
-    from e2rnas_tf import search as search_lib
+    from e2rnas_tf.search import run as search_lib
 
     def fn():
         result = search_lib.search(config, stage_dir, overwrite=overwrite,
@@ -145,7 +145,7 @@ def search_stage(config, stage_dir, *, overwrite=False, log=print):
 
 def train_stage(config, stage_dir, *, overwrite=False, log=print):
     """`train.train` as a stage; returns size, accuracy and the model path."""
-    from e2rnas_tf import train as train_lib
+    from e2rnas_tf.training import train as train_lib
 
     def fn():
         summary = train_lib.train(config, stage_dir, overwrite=overwrite)
@@ -167,7 +167,7 @@ def train_stage(config, stage_dir, *, overwrite=False, log=print):
 def evaluate_stage(config, model_path, stage_dir, *, overwrite=False,
                    log=print):
     """`e2rnas evaluate` of ``model_path`` as a stage; returns the report."""
-    from e2rnas_tf import evaluate as evaluate_lib
+    from e2rnas_tf.training import evaluate as evaluate_lib
 
     def fn():
         report = evaluate_lib.evaluate(config, model_path, stage_dir,

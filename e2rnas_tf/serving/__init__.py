@@ -1,0 +1,2 @@
+"""Export to TF Serving (`e2rnas export`).
+"""

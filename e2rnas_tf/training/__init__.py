@@ -1,0 +1,3 @@
+"""Retraining a genotype (`e2rnas train`) and evaluating it
+under attacks (`e2rnas evaluate`).
+"""
