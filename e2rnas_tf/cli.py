@@ -213,6 +213,15 @@ def main(argv, command_line=()):
     ``command_line`` is the command as typed, for the records."""
     try:
         return _main(argv, command_line or ("e2rnas", *argv[1:]))
+    except KeyboardInterrupt:
+        # A Ctrl-C before a run could stop cleanly (loading data, building)
+        # or a second one, which forces: no traceback, the shell's code.
+        if _DEBUG.value:
+            raise
+        command = argv[1] if len(argv) > 1 else ""
+        print(f"e2rnas {command}: interrupted; checkpoints already written "
+              "are kept: rerun the same command to resume", file=sys.stderr)
+        return 130
     except (ValueError, OSError) as e:
         # Library code raises ValueError subclasses with complete, specific
         # messages for every bad input; anything else is a bug and keeps its

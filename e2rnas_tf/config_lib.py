@@ -64,7 +64,10 @@ def runtime_config(c):
     c.graph_optimization = False
     c.deterministic = False        # TF op determinism + seeded everything
     c.log_every = 10               # steps between metric lines
-    c.checkpoint_every = 0         # steps between checkpoints; 0 = per epoch
+    c.checkpoint_every = 0         # steps between checkpoints (0: none)
+    # Wall-clock minutes between checkpoints (0: none); every epoch's end is
+    # checkpointed too. A hard kill loses at most this much work.
+    c.checkpoint_minutes = 5.0
     c.profile_steps = ""           # "START,END": TF profiler trace
     return c
 

@@ -302,8 +302,9 @@ def profile(logdir, start, end):
     """A per-step hook tracing steps ``start .. end - 1`` with the profiler.
 
     The trace lands in ``<logdir>/plugins/profile/<run>/`` (TensorBoard's
-    Profile tab, from the ``tensorboard-plugin-profile`` package, shows
-    it). Call the hook with the step number before each step, and its
+    Profile tab, from the ``xprof`` package, shows it; mark each step with
+    ``tf.profiler.experimental.Trace("step", step_num=n, _r=1)`` for step
+    times). Call the hook with the step number before each step, and its
     ``stop()`` when the loop ends, so a run shorter than ``end`` still
     writes its trace.
 

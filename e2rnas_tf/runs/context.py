@@ -7,11 +7,20 @@ What both loops need and used to solve each in its own way:
 - a stop request: SIGTERM (a scheduler's preemption) or SIGINT (Ctrl-C)
   ends the run at the next step boundary, checkpointed; a second SIGINT
   interrupts at once;
+- when to checkpoint: every ``config.checkpoint_every`` steps and every
+  ``config.checkpoint_minutes`` of wall-clock time (so a hard kill loses
+  at most those minutes);
+- under ``multi_worker``, one decision for all workers: a signal or a
+  checkpoint time on any worker stops or saves every worker at the same
+  step (the flags are all-reduced after each step), so no worker is left
+  waiting in a collective for a peer that has gone;
 - ``metrics.jsonl`` (`metrics.MetricsLog`), cut back to the checkpoint on
   resume;
 - TensorBoard: the writer, the config as hparams, and the profiler over
-  ``config.profile_steps``, each traced step marked with its number (the
-  Profile tab's step-time overview needs the markers);
+  ``config.profile_steps``, each traced step marked with its number
+  (without the markers the Profile tab reports "no step marker observed";
+  with them its Input Pipeline Analysis lists every step's time, and so
+  does the Overview page for runs with ``jit_compile``);
 - the limit on consecutive skipped steps (non-finite values);
 - a non-chief worker's scratch directory, removed at the end.
 
@@ -26,7 +35,9 @@ Example:
 ...             out = train_step(batch)
 ...         run.metrics.write(out)
 ...         if run.count_skip(out["skipped"]) >= run.skip_limit: ...
-...         if run.stop_requested: break
+...         save, stop = run.poll(step)
+...         if save: checkpoint.save(step)
+...         if stop: break
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ import contextlib
 import os
 import shutil
 import signal
+import time
 
 import tensorflow as tf
 
@@ -99,9 +111,14 @@ class Run:
         workdir: where the run writes (a non-chief worker: its scratch
             directory).
         config: the run's config (``profile_steps``,
-            ``max_consecutive_skips``; recorded as TensorBoard hparams).
+            ``max_consecutive_skips``, ``checkpoint_every``,
+            ``checkpoint_minutes``; recorded as TensorBoard hparams).
         scratch: ``workdir`` is a non-chief worker's scratch directory,
             deleted when the run ends.
+        strategy: the run's `tf.distribute.Strategy`; under
+            `tf.distribute.MultiWorkerMirroredStrategy` the workers agree
+            on every `poll`.
+        log: where the run's notices go (print-like).
 
     Attributes (after `open`):
         metrics: the `metrics.MetricsLog` of ``metrics.jsonl``.
@@ -109,11 +126,18 @@ class Run:
         skip_limit: ``config.max_consecutive_skips``.
     """
 
-    def __init__(self, workdir, config, *, scratch=False):
+    def __init__(self, workdir, config, *, scratch=False, strategy=None,
+                 log=print):
         self.workdir = os.fspath(workdir)
         self.config = config
         self.scratch = bool(scratch)
+        self.log = log
         self.skip_limit = int(config.max_consecutive_skips)
+        self._every = int(config.get("checkpoint_every", 0) or 0)
+        self._seconds = 60.0 * float(config.get("checkpoint_minutes", 0) or 0)
+        self._last_save = time.monotonic()
+        self._agree = _agreement(strategy)
+        self._peer_stop = None
         self.metrics = None
         self.writer = None
         self._profiler = None
@@ -154,6 +178,11 @@ class Run:
         steps = tb_lib.parse_profile_steps(self.config.profile_steps)
         if steps:
             self._profiler = tb_lib.profile(tb_dir, *steps)
+            self.log(
+                f"profiling steps {steps[0]}-{steps[1] - 1}: the trace goes "
+                f"to {os.path.join(tb_dir, 'plugins', 'profile')}; view it "
+                f"with `pip install xprof && tensorboard --logdir {tb_dir}`, "
+                "PROFILE tab (step times: Input Pipeline Analysis)")
             # A run that stops early still closes its trace.
             stack.callback(self._profiler.stop)
         return self
@@ -183,6 +212,37 @@ class Run:
             for name, value in values.items():
                 tf.summary.scalar(prefix + name, value)
 
+    def poll(self, step=None):
+        """After ``step`` steps (None: between steps that count, e.g. in
+        an evaluation): ``(save, stop)``.
+
+        ``save``: a checkpoint is due (``step`` is a multiple of
+        ``checkpoint_every``, or ``checkpoint_minutes`` passed since the
+        last one; the caller saves and the clock restarts). ``stop``: a
+        signal asked the run to stop (on any worker). Every worker of a
+        multi-worker run must call it after every step: they all-reduce
+        their flags and get the same answer.
+        """
+        save = step is not None and (
+            bool(self._every and step % self._every == 0)
+            or bool(self._seconds and time.monotonic() - self._last_save
+                    >= self._seconds))
+        requested = self._guard.requested
+        flags = [save, requested == "SIGTERM", requested == "SIGINT"]
+        if self._agree is not None:
+            flags = self._agree(flags)
+            if requested is None and (flags[1] or flags[2]):
+                self._peer_stop = "SIGINT" if flags[2] else "SIGTERM"
+                self.log(f"another worker received {self._peer_stop}: "
+                         "stopping with it")
+        if flags[0]:
+            self.saved()
+        return bool(flags[0]), bool(flags[1] or flags[2])
+
+    def saved(self):
+        """Restarts the checkpoint clock (a checkpoint was just written)."""
+        self._last_save = time.monotonic()
+
     def count_skip(self, skipped):
         """Counts consecutive skipped steps; returns the current count."""
         self._skips = self._skips + 1 if skipped else 0
@@ -191,5 +251,25 @@ class Run:
     @property
     def stop_requested(self):
         """None, or the signal (``"SIGTERM"``, ``"SIGINT"``) that asked
-        the run to stop."""
-        return self._guard.requested
+        the run to stop (this worker's, or, once `poll` learnt it, a
+        peer's)."""
+        return self._guard.requested or self._peer_stop
+
+
+def _agreement(strategy):
+    """A function combining every worker's flags (any worker's True is
+    everyone's), or None when there is a single worker process."""
+    if not isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy):
+        return None
+
+    @tf.function(autograph=False)
+    def reduce(flags):
+        per_replica = strategy.run(tf.identity, args=(flags,))
+        return strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica,
+                               axis=None)
+
+    def agree(flags):
+        summed = reduce(tf.constant([float(f) for f in flags], tf.float32))
+        return [bool(v > 0) for v in summed.numpy()]
+
+    return agree

@@ -36,8 +36,8 @@ __all__ = ["Claim", "NON_IDENTITY_FIELDS", "WorkdirBusyError",
 
 # Config fields that do not change what a run computes: a run resumes with
 # them changed.
-NON_IDENTITY_FIELDS = ("log_every", "checkpoint_every", "profile_steps",
-                       "evaluate")
+NON_IDENTITY_FIELDS = ("log_every", "checkpoint_every", "checkpoint_minutes",
+                       "profile_steps", "evaluate")
 _HINT = "pass --overwrite to replace it or choose another --workdir"
 
 

@@ -35,6 +35,7 @@ Reference:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 
@@ -48,6 +49,7 @@ from e2rnas_tf import tensorboard as tb_lib
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import context as run_lib
 from e2rnas_tf.runs import files
+from e2rnas_tf.runs import progress as progress_lib
 from e2rnas_tf.runs import workdir as workdir_lib
 from e2rnas_tf.search import ood as ood_lib
 from e2rnas_tf.search import resources
@@ -129,10 +131,14 @@ def make_eval_step(network, batch_size):
 
     compiled = tf.function(step, autograph=False)
 
-    def evaluate(split):
+    def evaluate(split, stop=None):
+        """``(accuracy, loss)`` on ``split``; None if ``stop()`` (polled
+        before each batch) asked to stop."""
         correct = loss = 0.0
         n = len(split)
         for start in range(0, n, batch_size):
+            if stop is not None and stop():
+                return None
             x = split.images[start:start + batch_size]
             y = split.labels[start:start + batch_size]
             mask = np.ones(batch_size, np.float32)
@@ -162,6 +168,13 @@ def _progress_line(epoch, epochs, step, steps, metrics, objectives, rate):
             f"acc {metrics['train/acc']:.2f} | lr {metrics['lr']:.4f} | "
             f"{rate:.2f} s/step")
     return line
+
+
+def _bar_values(metrics, objectives):
+    """The progress bar's figures: each objective and the derived size."""
+    return ([(name, metrics[f"objective/{name}"]) for name in objectives]
+            + [("derived_M", metrics["derived/params"]),
+               ("train_loss", metrics["train/loss"])])
 
 
 def _skip_error(metrics, objectives, limit):
@@ -324,13 +337,16 @@ def _search(config, workdir, chief_dir, claim, log):
             fingerprint=_fingerprint(config, info), max_to_keep=3, log=log)
 
     chief = workdir == chief_dir
-    with run_lib.Run(workdir, config, scratch=not chief) as run:
+    with run_lib.Run(workdir, config, scratch=not chief, strategy=strategy,
+                     log=log) as run:
         # The set-up succeeded: from here on the run owns the workdir.
         if chief:
             workdir_lib.clear(workdir, claim.stale)
-            os.makedirs(os.path.join(workdir, "genotypes"), exist_ok=True)
             files.write_text(os.path.join(workdir, "config.json"),
                              _config_json(config))
+        # Every worker writes the per-epoch genotypes (a non-chief one into
+        # its scratch directory).
+        os.makedirs(os.path.join(workdir, "genotypes"), exist_ok=True)
         checkpoint = run_checkpoint(workdir)
         # A non-chief worker resumes from the chief's checkpoints.
         source = checkpoint if chief else run_checkpoint(chief_dir)
@@ -370,14 +386,22 @@ def _search(config, workdir, chief_dir, claim, log):
                 # command resumes from them.
                 checkpoint.save(done)
                 return _stopped(run, done, checkpoint, workdir)
+            log(f"epoch {epoch + 1}: evaluating the supernet on "
+                f"{len(data.evaluation)} {config.eval_on} images")
             summary = _end_of_epoch(
                 epoch, net, config, params_table, evaluate, data.evaluation,
-                workdir, history)
+                workdir, history, stop=lambda: run.poll()[1])
+            if summary is None:
+                # Stopped during the evaluation: the epoch's steps are
+                # saved; the resumed run redoes its end.
+                checkpoint.save(done)
+                return _stopped(run, done, checkpoint, workdir)
             epochs_summary.append(summary)
             _record_epoch(run, done, summary, net, config, log)
             epoch_var.assign(epoch + 1)
             checkpoint.save(done)
-            if run.stop_requested and epoch + 1 < int(config.epochs):
+            run.saved()
+            if run.poll(done)[1] and epoch + 1 < int(config.epochs):
                 return _stopped(run, done, checkpoint, workdir)
 
         genotype = derive_genotype(net, config)
@@ -403,38 +427,46 @@ def _stopped(run, steps, checkpoint, workdir):
 
 
 class _Loop:
-    """The steps of a search's epochs: metrics, logs, skips, checkpoints."""
+    """The steps of a search's epochs: metrics, logs, progress, skips,
+    checkpoints and stop requests."""
 
     def __init__(self, run, step, net, config, checkpoint, log):
         self.run, self.step, self.net = run, step, net
         self.config, self.checkpoint, self.log = config, checkpoint, log
         self.objectives = step.objectives
         self.compile_seconds = None
+        spe = step.steps_per_epoch
+        self.progress = progress_lib.Progress(
+            int(config.epochs) * spe, int(step.iterations.numpy()), log=log,
+            every=max(int(config.log_every), 1))
 
     def epoch(self, epoch, steps, w_ds, a_ds, o_ds):
         """Runs ``steps`` steps; False if a stop request ended it early."""
         cfg, run = self.config, self.run
         spe = self.step.steps_per_epoch
-        log_every = max(int(cfg.log_every), 1)
+        self.progress.begin(spe, done=spe - steps)
         o_iter = iter(o_ds) if o_ds is not None else None
-        tic, since_log, taken = time.perf_counter(), 0, 0
+        self._tic, self._since_line, taken = time.perf_counter(), 0, 0
         for train_batch, valid_batch in zip(w_ds, a_ds):
             if taken >= steps:
                 break
             number = int(self.step.iterations.numpy())
+            if self.compile_seconds is None:
+                self.log("compiling the search step (tracing and the first "
+                         "step; tens of seconds on a CPU)")
             t0 = time.perf_counter()
             with run.trace(number):
                 out = self.step(train_batch, valid_batch,
                                 next(o_iter) if o_iter is not None else None)
                 metrics = {k: float(v) for k, v in out.items()}
             taken += 1
-            since_log += 1
+            self._since_line += 1
             if self.compile_seconds is None:
                 self.compile_seconds = time.perf_counter() - t0
                 self.log(f"compiled in {self.compile_seconds:.1f} s "
                          "(trace + first step)")
                 # The rate shown excludes the compilation.
-                tic, since_log = time.perf_counter(), 0
+                self._tic, self._since_line = time.perf_counter(), 0
             global_step = number + 1
             run.metrics.write({"kind": "step", "step": global_step,
                                "epoch": epoch + 1, **metrics})
@@ -442,17 +474,25 @@ class _Loop:
                 **metrics, **_architecture_scalars(self.net, cfg)})
             self._check_skips(global_step, metrics)
             in_epoch = global_step - epoch * spe
-            if in_epoch % log_every == 0 or in_epoch == spe:
-                rate = (time.perf_counter() - tic) / max(since_log, 1)
-                tic, since_log = time.perf_counter(), 0
-                self.log(_progress_line(epoch, cfg.epochs, in_epoch, spe,
-                                        metrics, self.objectives, rate))
-            if (cfg.checkpoint_every
-                    and global_step % int(cfg.checkpoint_every) == 0):
+            self.progress.update(
+                in_epoch, _bar_values(metrics, self.objectives),
+                line=functools.partial(self._line, epoch, in_epoch, metrics))
+            save, stop = run.poll(global_step)
+            if save:
                 self.checkpoint.save(global_step)
-            if run.stop_requested and taken < steps:
+            if stop and taken < steps:
                 return False
         return True
+
+    def _line(self, epoch, in_epoch, metrics):
+        """The progress line (piped output), with the rate of the steps
+        since the previous line."""
+        now = time.perf_counter()
+        rate = (now - self._tic) / max(self._since_line, 1)
+        self._tic, self._since_line = now, 0
+        return _progress_line(epoch, self.config.epochs, in_epoch,
+                              self.step.steps_per_epoch, metrics,
+                              self.objectives, rate)
 
     def _check_skips(self, global_step, metrics):
         skips = self.run.count_skip(metrics["skipped"])
@@ -502,12 +542,17 @@ class _AlphaHistory:
 
 
 def _end_of_epoch(epoch, net, config, params_table, evaluate, eval_split,
-                  workdir, history):
+                  workdir, history, stop):
+    """The epoch's genotype, alpha snapshot and supernet evaluation; None
+    if ``stop()`` interrupted the evaluation (the resumed run redoes it)."""
     genotype = derive_genotype(net, config)
     genotype.save(os.path.join(workdir, "genotypes",
                                f"epoch_{epoch + 1:03d}.json"))
     history.append(net)
-    eval_acc, eval_loss = evaluate(eval_split)
+    result = evaluate(eval_split, stop)
+    if result is None:
+        return None
+    eval_acc, eval_loss = result
     return {"kind": "epoch", "epoch": epoch + 1, "eval_on": config.eval_on,
             "eval_acc": eval_acc, "eval_loss": eval_loss,
             "genotype_params": genotype_params(genotype, params_table,

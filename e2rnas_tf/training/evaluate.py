@@ -45,6 +45,7 @@ from e2rnas_tf import data as data_lib
 from e2rnas_tf import runtime
 from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import files
+from e2rnas_tf.runs import progress as progress_lib
 from e2rnas_tf.runs import workdir as workdir_lib
 from e2rnas_tf.space import costs
 
@@ -331,7 +332,7 @@ def _check_batch(images, labels):
 def evaluate_model(model, dataset, *, attacks=("fgsm", "pgd", "mim"),
                    epsilons=(1.0, 2.0, 8.0), pgd_steps=10, step_size=0.0,
                    restarts=1, num_examples=0, seed=0, random_start=True,
-                   batch_size=256, jit_compile=False):
+                   batch_size=256, jit_compile=False, on_batch=None):
     """Clean and adversarial accuracy of ``model`` on ``dataset``.
 
     Every example is attacked with every attack at every eps (cleverhans,
@@ -365,6 +366,8 @@ def evaluate_model(model, dataset, *, attacks=("fgsm", "pgd", "mim"),
         random_start: PGD starts uniformly in the eps-ball.
         batch_size: batch size when ``dataset`` is a pair of arrays.
         jit_compile: compile the attacks with XLA.
+        on_batch: called after each batch with the number of examples
+            evaluated so far (progress).
 
     Returns:
         A JSON-ready dict: ``num_examples``, ``clean_accuracy``,
@@ -481,6 +484,8 @@ def evaluate_model(model, dataset, *, attacks=("fgsm", "pgd", "mim"),
                 counts[name][eps]["correct"] += int(robust.sum())
             seconds[name] += time.perf_counter() - tick
         total += len(labels)
+        if on_batch is not None:
+            on_batch(total)
     if total == 0:
         raise EvaluationError("Expected at least one example to evaluate. "
                               "Received: an empty dataset")
@@ -836,14 +841,20 @@ def _evaluate(config, path, run_dir, out_dir, identity, seed, log):
     image_shape = (info.image_size, info.image_size, 3)
     model(tf.zeros((1,) + image_shape), training=False)  # builds if needed
 
-    log(f"evaluating {path} on {len(test)} {info.name} test images")
+    log(f"evaluating {path} on {len(test)} {info.name} test images "
+        f"(clean, {', '.join(ev.attacks)} at eps {list(ev.epsilons)}/255; "
+        "the first batch includes compiling the attacks)")
+    progress = progress_lib.Progress(len(test), log=log, every=1)
+    progress.begin(len(test))
     report = evaluate_model(
         model, dataset, attacks=tuple(ev.attacks),
         epsilons=tuple(ev.epsilons), pgd_steps=int(ev.pgd_steps),
         step_size=float(ev.step_size), restarts=int(ev.restarts),
         num_examples=0, seed=seed,
         random_start=bool(ev.get("random_start", True)),
-        jit_compile=bool(config.jit_compile))
+        jit_compile=bool(config.jit_compile),
+        on_batch=lambda n: progress.update(
+            n, line=lambda: f"evaluated {n}/{len(test)} images"))
 
     header = {"checkpoint": identity["checkpoint"], "dataset": info.name,
               "data": identity["data"],

@@ -35,10 +35,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import os
-import sys
 import time
 
-import keras
 import tensorflow as tf
 
 from e2rnas_tf import data as data_lib
@@ -47,6 +45,7 @@ from e2rnas_tf.runs import checkpoints as ckpt_lib
 from e2rnas_tf.runs import context as run_lib
 from e2rnas_tf.runs import files
 from e2rnas_tf.runs import metrics as metrics_lib
+from e2rnas_tf.runs import progress as progress_lib
 from e2rnas_tf.runs import workdir as workdir_lib
 from e2rnas_tf.search import objectives
 from e2rnas_tf.space import costs
@@ -274,13 +273,16 @@ def make_eval_step(model, strategy, config):
                        jit_compile=scope == "step")
 
 
-def evaluate_clean(eval_fn, strategy, test, batch_size):
-    """Clean loss and accuracy over a whole split."""
+def evaluate_clean(eval_fn, strategy, test, batch_size, stop=None):
+    """Clean ``(loss, accuracy)`` over a whole split; None if ``stop()``
+    (polled before each batch) asked to stop."""
     ds = data_lib.batches(test, batch_size, seed=0, epoch=0, training=False)
     ds = ds.map(_pad_batch(batch_size))
     ds = strategy.experimental_distribute_dataset(ds)
     totals = {"loss_sum": 0.0, "correct": 0.0, "count": 0.0}
     for images, labels, valid in ds:
+        if stop is not None and stop():
+            return None
         out = eval_fn(images, labels, valid)
         for k in totals:
             totals[k] += float(out[k])
@@ -392,8 +394,6 @@ def _build(config, genotype, info, strategy):
     # Every variable (model, optimizer, counters) is created in scope so
     # that it is mirrored across replicas.
     with strategy.scope():
-        # Every variable (model, optimizer, counters) is created in scope
-        # so that it is mirrored across replicas.
         model = model_lib.DerivedNetwork(
             genotype, channels=config.model.channels,
             num_classes=info.num_classes, layers=config.model.layers,
@@ -431,7 +431,8 @@ def _train(config, workdir, chief_dir, genotype, claim):
     model, global_step, best = state.model, state.global_step, state.best
     fingerprint = _fingerprint(config, genotype, info)
 
-    with run_lib.Run(workdir, config, scratch=not chief) as run:
+    with run_lib.Run(workdir, config, scratch=not chief,
+                     strategy=strategy) as run:
         # From here on the run owns the workdir.
         if chief:
             workdir_lib.clear(workdir, claim.stale)
@@ -463,6 +464,12 @@ def _train(config, workdir, chief_dir, genotype, claim):
         train_fn = make_train_step(model, state.sgd, state.loss_scale,
                                    strategy, config)
         eval_fn = make_eval_step(model, strategy, config)
+        progress = progress_lib.Progress(
+            config.epochs * steps_per_epoch, step,
+            every=max(int(config.log_every), 1))
+        if start_epoch < config.epochs:
+            print("the first step compiles the training step (tens of "
+                  "seconds on a CPU)", flush=True)
         last = {}
         for epoch in range(start_epoch, config.epochs):
             lr = schedules.cosine_lr(epoch, config.epochs, config.optim.lr,
@@ -476,33 +483,38 @@ def _train(config, workdir, chief_dir, genotype, claim):
                 flip=config.data.flip, cutout=config.data.cutout,
                 skip_batches=skip).take(steps_per_epoch - skip)
             ds = strategy.experimental_distribute_dataset(ds)
-            print(f"epoch {epoch + 1}/{config.epochs} lr {lr:.5f} "
-                  f"drop_path {rate:.3f}", flush=True)
+            progress.begin(steps_per_epoch,
+                           f"epoch {epoch + 1}/{config.epochs} lr {lr:.5f} "
+                           f"drop_path {rate:.3f}", done=skip)
             start = time.time()
             step, sums, count = _train_epoch(
                 run, functools.partial(train_fn, lr=tf.constant(
                     lr, tf.float32)),
                 ds, steps_per_epoch - skip, step, global_step, checkpoint,
-                config, epoch)
+                progress, epoch * steps_per_epoch)
             if step < (epoch + 1) * steps_per_epoch:
                 # Stopped mid-epoch: the finished steps are saved; the same
                 # command resumes from them.
                 checkpoint.save(step)
-                return {"stopped": run.stop_requested, "steps": step,
-                        "workdir": workdir, "checkpoint": checkpoint.latest}
+                return _stopped(run, step, workdir, checkpoint)
             record = {"epoch": epoch, "step": step, "lr": lr,
                       "drop_path_rate": rate,
                       **{f"train_{k}": v / max(count, 1)
                          for k, v in sums.items()},
                       "train_seconds": time.time() - start}
-            _end_of_epoch(run, state, record, lambda: evaluate_clean(
-                eval_fn, strategy, test_data, config.eval_batch_size),
-                workdir if chief else None)
+            print(f"  evaluating on {len(test_data)} test images", flush=True)
+            done = _end_of_epoch(run, state, record, lambda: evaluate_clean(
+                eval_fn, strategy, test_data, config.eval_batch_size,
+                stop=lambda: run.poll()[1]), workdir if chief else None)
             checkpoint.save(step)
+            run.saved()
+            if not done:
+                # Stopped during the evaluation: the resumed run redoes the
+                # epoch's end.
+                return _stopped(run, step, workdir, checkpoint)
             last = record
-            if run.stop_requested and epoch + 1 < config.epochs:
-                return {"stopped": run.stop_requested, "steps": step,
-                        "workdir": workdir, "checkpoint": checkpoint.latest}
+            if run.poll(step)[1] and epoch + 1 < config.epochs:
+                return _stopped(run, step, workdir, checkpoint)
         if not last:  # already finished: report the last recorded epoch
             records = metrics_lib.read(os.path.join(workdir,
                                                     "metrics.jsonl"))
@@ -518,11 +530,20 @@ def _train(config, workdir, chief_dir, genotype, claim):
         return summary
 
 
+def _stopped(run, step, workdir, checkpoint):
+    return {"stopped": run.stop_requested, "steps": step, "workdir": workdir,
+            "checkpoint": checkpoint.latest}
+
+
 def _end_of_epoch(run, state, record, evaluate, workdir):
     """Evaluates, records the epoch (``record`` completed with the test
     figures) and writes the models (``workdir``: None for a non-chief
-    worker); marks the epoch done."""
-    val_loss, val_acc = evaluate()
+    worker); marks the epoch done. False if a stop request interrupted the
+    evaluation (nothing recorded)."""
+    result = evaluate()
+    if result is None:
+        return False
+    val_loss, val_acc = result
     record.update(test_loss=val_loss, test_accuracy=val_acc)
     improved = val_acc > float(state.best.numpy())
     if improved:
@@ -545,16 +566,23 @@ def _end_of_epoch(run, state, record, evaluate, workdir):
           f"{val_loss:.4f} acc {val_acc:.4f} (best "
           f"{record['best_test_accuracy']:.4f}) "
           f"{record['train_seconds']:.1f}s", flush=True)
+    return True
+
+
+def _step_line(in_epoch, steps, sums, count):
+    """A progress line (piped output): the epoch's mean loss and accuracy
+    so far."""
+    count = max(count, 1)
+    return (f"  step {in_epoch}/{steps} loss {sums.get('loss', 0.0) / count:.4f}"
+            f" acc {sums.get('accuracy', 0.0) / count:.4f}")
 
 
 def _train_epoch(run, train_fn, ds, steps, step, global_step, checkpoint,
-                 config, epoch):
-    """One epoch's steps; returns ``(step, sums, count)``. Stops early
+                 progress, epoch_start):
+    """One epoch's steps (the epoch starts at global step
+    ``epoch_start``); returns ``(step, sums, count)``. Stops early
     (``step`` short of the epoch's end) when the run is asked to stop."""
-    verbose = 1 if sys.stdout.isatty() else 2
-    bar = keras.utils.Progbar(steps, verbose=verbose)
-    log_every = max(int(config.log_every), 1)
-    checkpoint_every = int(config.checkpoint_every)
+    log_every = progress.every
     sums, count, taken = {}, 0, 0
     for images, labels in ds:
         with run.trace(step):
@@ -574,22 +602,26 @@ def _train_epoch(run, train_fn, ds, steps, step, global_step, checkpoint,
                 checkpoint.save(step)
                 raise TrainingDiverged(
                     f"{skips} consecutive training steps had a non-finite "
-                    f"loss or gradient (epoch {epoch + 1}, step {step}); the "
-                    f"weights before them are in {checkpoint.latest} (lower "
-                    "optim.lr or check the data)")
+                    f"loss or gradient (step {step}); the weights before "
+                    f"them are in {checkpoint.latest} (lower optim.lr or "
+                    "check the data)")
         else:
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
-            bar.update(count, [("loss", out["loss"]),
-                               ("acc", out["accuracy"])])
+        in_epoch = step - epoch_start
+        progress.update(
+            in_epoch, [("loss", out["loss"]), ("acc", out["accuracy"])],
+            line=functools.partial(_step_line, in_epoch, progress.part_units,
+                                   dict(sums), count))
         if step % log_every == 0:
             run.scalars(step, {"loss": out["loss"],
                                "accuracy": out["accuracy"]},
                         prefix="train_step/")
-        if checkpoint_every and step % checkpoint_every == 0:
+        save, stop = run.poll(step)
+        if save:
             checkpoint.save(step)
-        if run.stop_requested and taken < steps:
+        if stop and taken < steps:
             break
     return step, sums, count
 
