@@ -16,7 +16,7 @@ from layer_test_util import (
     search_network_counts,
 )
 
-from e2rnas_tf.space import ops, topology
+from e2rnas_tf.space import costs, ops, topology
 from e2rnas_tf.space import search_space as ss
 
 PRIMS = ops.PRIMITIVES
@@ -252,7 +252,7 @@ def test_search_network_pinned_parameter_counts(net):
     assert count(net.non_trainable_variables) == PINNED_NON_TRAINABLE \
         == non_trainable
     assert count(net.arch_variables) == arch == 2 * 14 * 8
-    assert ss.count_params(net.weight_variables) == PINNED_WEIGHTS
+    assert costs.count_params(net.weight_variables) == PINNED_WEIGHTS
 
 
 def test_alphas(net):

@@ -60,18 +60,19 @@ def _poison_logit_gradient(monkeypatch, bad_steps):
 
 
 def _record_steps(monkeypatch):
-    """Every training step's variables (model and optimizer) before and
-    after, with its outputs."""
+    """Every training step's variables (model, optimizer, loss scale)
+    before and after, with its outputs."""
     calls = []
     real = train_lib.make_train_step
 
-    def make(model, optimizer, strategy, config):
-        step_fn = real(model, optimizer, strategy, config)
-        state = list(model.weights) + list(optimizer.variables)
+    def make(model, sgd, loss_scale, strategy, config):
+        step_fn = real(model, sgd, loss_scale, strategy, config)
+        state = (list(model.weights) + list(sgd.variables)
+                 + list(loss_scale.variables))
 
-        def recording(images, labels, step):
+        def recording(images, labels, step, lr):
             before = [v.numpy().copy() for v in state]
-            out = step_fn(images, labels, step)
+            out = step_fn(images, labels, step, lr)
             calls.append({"before": before,
                           "after": [v.numpy().copy() for v in state],
                           "out": {k: float(v) for k, v in out.items()}})
