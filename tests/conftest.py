@@ -22,3 +22,14 @@ def subprocess_env():
             p for p in (str(REPO), env.get("PYTHONPATH", "")) if p),
     )
     return env
+
+
+@pytest.fixture
+def eager():
+    """Runs tf.functions eagerly for the test (tracing a tiny step costs
+    more than running it a few times)."""
+    import tensorflow as tf
+
+    tf.config.run_functions_eagerly(True)
+    yield
+    tf.config.run_functions_eagerly(False)

@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 
 from e2rnas_tf import data as data_lib
+from tests.search_util import tiny_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 
@@ -108,12 +109,7 @@ def get_config():
     return c
 '''
 
-SEARCH_FLAGS = [
-    "--config.model.layers=3", "--config.model.channels=4",
-    "--config.model.steps=2", "--config.model.multiplier=2",
-    "--config.data.image_size=8", "--config.batch_size=8",
-    "--config.data.num_train=64", "--config.data.num_test=16",
-]
+SEARCH_FLAGS = tiny_flags(**{"data.num_train": 64, "data.num_test": 16})
 
 
 def _png(path, array):

@@ -26,6 +26,7 @@ def e2rnas(env, *args):
     return result
 
 
+@pytest.mark.slow
 def test_search_train_evaluate_export_plot(tmp_path, subprocess_env):
     search_dir = str(tmp_path / "search")
     e2rnas(subprocess_env, "search", "--config=configs/search_demo.py",

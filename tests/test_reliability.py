@@ -25,6 +25,7 @@ from e2rnas_tf.runs import checkpoints as checkpointing
 from e2rnas_tf.runs import context as run_context
 from e2rnas_tf.space.search_space import SearchNetwork
 from e2rnas_tf.training import train as train_lib
+from tests.search_util import tiny_flags
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 _BATCHES = data_lib.batches
@@ -461,19 +462,10 @@ def test_train_sigkill_then_resume_is_identical(train_reference, tmp_path,
 # ---------------------------------------------------------------------------
 # The search run.
 
-SEARCH_FLAGS = [
-    "--config.model.layers=3", "--config.model.channels=4",
-    "--config.model.steps=2", "--config.model.multiplier=2",
-    "--config.model.primitives=('none','max_pool_3x3','skip_connect',"
-    "'sep_conv_3x3')",
-    "--config.data.image_size=8", "--config.batch_size=8",
-    "--config.data.num_train=96", "--config.data.num_test=16",
-    "--config.eval_batch_size=16", "--config.resource.layers=5",
-    "--config.resource.channels=8", "--config.epochs=2",
-    "--config.steps_per_epoch=5", "--config.checkpoint_every=1",
-    "--config.deterministic=True", "--config.objectives=('acc','params')",
-    "--config.arch.lr=0.01",
-]
+SEARCH_FLAGS = tiny_flags(**{
+    "data.num_train": 96, "data.num_test": 16, "epochs": 2,
+    "steps_per_epoch": 5, "checkpoint_every": 1, "deterministic": True,
+    "objectives": ("acc", "params"), "arch.lr": 0.01})
 
 
 def _search_command(workdir):
@@ -516,6 +508,7 @@ def search_reference(tmp_path_factory):
     return _final_state(workdir)
 
 
+@pytest.mark.slow
 def test_search_sigterm_then_resume_is_identical(search_reference, tmp_path):
     workdir = tmp_path / "run"
     command = _search_command(workdir)

@@ -172,6 +172,7 @@ def _eval_json(workdir, run):
         return json.load(f)
 
 
+@pytest.mark.slow
 def test_reproduce_tiny_end_to_end_and_resume(tmp_path, subprocess_env):
     workdir = str(tmp_path / "repro")
     args = ["reproduce", "--config=configs/reproduce.py:tiny",

@@ -15,81 +15,23 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from e2rnas_tf import config_lib
 from e2rnas_tf.runs import metrics
 from e2rnas_tf.search import objectives as obj_lib
 from e2rnas_tf.search import resources
 from e2rnas_tf.search import run as search
 from e2rnas_tf.search import step as step_lib
 from e2rnas_tf.space import genotypes
-from e2rnas_tf.space.search_space import SearchNetwork
-from tests.config_util import set_fields
+from tests.search_util import (
+    PRIMITIVES,
+    batch,
+    make_step,
+    tiny_config,
+    tiny_flags,
+    values,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PRIMITIVES = ["none", "max_pool_3x3", "skip_connect", "sep_conv_3x3"]
-TINY_FLAGS = [
-    "--config.model.layers=3", "--config.model.channels=4",
-    "--config.model.steps=2", "--config.model.multiplier=2",
-    "--config.data.image_size=8", "--config.batch_size=8",
-    "--config.data.num_train=200", "--config.data.num_test=40",
-    "--config.eval_batch_size=16", "--config.resource.layers=5",
-    "--config.resource.channels=8", "--config.log_every=1",
-    "--config.model.primitives=" + repr(tuple(PRIMITIVES)),
-]
-
-
-def tiny_config(**overrides):
-    c = config_lib.search_config()
-    c.model.layers = 3
-    c.model.channels = 4
-    c.model.steps = 2
-    c.model.multiplier = 2
-    c.model.primitives = list(PRIMITIVES)
-    c.data.image_size = 8
-    c.data.num_train = 200
-    c.data.num_test = 40
-    c.batch_size = 8
-    c.eval_batch_size = 16
-    c.epochs = 2
-    c.resource.layers = 5
-    c.resource.channels = 8
-    c.resource.params_constraint = "none"
-    c.objectives = ["acc"]
-    c.log_every = 1000
-    set_fields(c, overrides)
-    c.lock()
-    return c
-
-
-@pytest.fixture
-def eager():
-    tf.config.run_functions_eagerly(True)
-    yield
-    tf.config.run_functions_eagerly(False)
-
-
-def make_step(config, seed=0):
-    keras.utils.set_random_seed(seed)
-    net = SearchNetwork(channels=4, num_classes=10, layers=3, steps=2,
-                        multiplier=2, primitives=PRIMITIVES, alpha_seed=seed)
-    net.build((None, 8, 8, 3))
-    # A visible alpha, so the softmax is not uniform and every op counts.
-    rng = np.random.default_rng(seed + 7)
-    for a in net.arch_variables:
-        a.assign(rng.normal(0.0, 0.5, a.shape).astype(np.float32))
-    step = step_lib.SearchStep(net, config, num_classes=10, image_size=8,
-                               steps_per_epoch=10)
-    return net, step
-
-
-def batch(seed):
-    rng = np.random.default_rng(seed)
-    return (tf.constant(rng.random((8, 8, 8, 3)), tf.float32),
-            tf.constant(rng.integers(0, 10, 8), tf.int32))
-
-
-def values(variables):
-    return [np.array(v.numpy()) for v in variables]
+TINY_FLAGS = tiny_flags(log_every=1)
 
 
 def ce_grads(net, images, labels, variables):
@@ -401,6 +343,7 @@ def test_run_stops_after_consecutive_skips(eager, tmp_path, monkeypatch):
         search.search(config, str(tmp_path), log=lambda _: None)
 
 
+@pytest.mark.slow
 def test_short_search_params_objective_shrinks_the_network(tmp_path):
     common = {"epochs": 3, "steps_per_epoch": 8, "arch.lr": 3e-3}
     acc = search.search(tiny_config(**common), str(tmp_path / "acc"),
@@ -435,6 +378,7 @@ def run_cli(*flags, config="configs/search_demo.py"):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
+@pytest.mark.slow
 def test_published_preset_runs_end_to_end(tmp_path):
     """The authors' run at a tiny scale: five objectives (OOD from noise),
     second order, their solver and cost models, the OOD ramp."""
@@ -482,8 +426,10 @@ def test_cli_end_to_end(tmp_path):
     assert "compiled in" in result.stdout
     assert "expected parameters:" in result.stdout
     # The derived genotype's size on every progress line.
-    progress = [l for l in result.stdout.splitlines() if " step " in l]
+    progress = [l for l in result.stdout.splitlines()
+                if l.startswith("epoch ") and " step " in l]
     assert len(progress) == 2 and all(" | derived " in l for l in progress)
+    assert progress[-1].endswith("| 100% ETA 0:00")
 
     genotype = genotypes.Genotype.load(os.path.join(workdir, "genotype.json"))
     assert genotype.steps == 2

@@ -4,10 +4,10 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from tests.test_search import batch, eager, make_step, tiny_config, values  # noqa: F401
+from tests.search_util import batch, make_step, tiny_config, values
 
 
-def test_warmup_keeps_alpha_and_adam_then_releases_them(eager):  # noqa: F811
+def test_warmup_keeps_alpha_and_adam_then_releases_them(eager):
     config = tiny_config(**{"arch.warmup_epochs": 1, "arch.lr": 0.1})
     net, step = make_step(config)   # steps_per_epoch=10
     step.warmup_steps = tf.constant(2, tf.int64)   # two warm-up steps

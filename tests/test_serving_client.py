@@ -8,7 +8,6 @@ from a real exported SavedModel.
 """
 
 import base64
-import importlib.util
 import io
 import json
 import os
@@ -22,9 +21,8 @@ from google.protobuf import json_format
 from PIL import Image
 from tensorflow.core.protobuf import saved_model_pb2
 
-from e2rnas_tf.serving import export as export_lib
-
 from e2rnas_tf.serving import client as sc
+from e2rnas_tf.serving import export as export_lib
 
 get_model_metadata_pb2 = pytest.importorskip(
     "tensorflow_serving.apis.get_model_metadata_pb2")

@@ -168,6 +168,7 @@ def _cli(args, env):
         capture_output=True, text=True, timeout=900)
 
 
+@pytest.mark.slow
 def test_sweep_tiny_end_to_end(tmp_path, subprocess_env):
     workdir = str(tmp_path / "sweep")
     serving = str(tmp_path / "serving")

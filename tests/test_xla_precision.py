@@ -20,20 +20,18 @@ import keras
 import numpy as np
 import pytest
 import tensorflow as tf
-from test_distributed import (
+
+from e2rnas_tf.search import step as search_step
+from e2rnas_tf.space import genotypes
+from e2rnas_tf.training import evaluate as evaluate_lib
+from tests.step_util import (
     batches,
     restore,
     run_search,
     run_train,
     search_config,
-    snapshot,
     train_config,
 )
-
-from e2rnas_tf.search import step as search_step
-from e2rnas_tf.space import genotypes
-from e2rnas_tf.training import evaluate as evaluate_lib
-from e2rnas_tf.training import train as train_lib
 
 
 @pytest.fixture
@@ -81,6 +79,7 @@ def _xla_search_matches_uncompiled(steps, **overrides):
                                    atol=1e-5)
 
 
+@pytest.mark.slow
 def test_xla_search_step_matches_uncompiled():
     # XLA compiles the first-order step with the accuracy objective in
     # about half a minute on 2 cores.
@@ -94,6 +93,7 @@ def test_xla_search_step_with_attack_matches_uncompiled():
     _xla_search_matches_uncompiled(3)
 
 
+@pytest.mark.slow
 def test_xla_train_step_matches_uncompiled():
     single = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
@@ -111,6 +111,7 @@ def test_xla_train_step_matches_uncompiled():
                                    atol=1e-5)
 
 
+@pytest.mark.slow
 def test_xla_evaluation_attacks_match_uncompiled():
     from e2rnas_tf.space import model as model_lib
 
@@ -191,6 +192,7 @@ def _float16_step(init, loss_scale, cell_impl="reference"):
     return net, step, {k: float(v) for k, v in step(train, valid).items()}
 
 
+@pytest.mark.slow
 def test_float16_loss_scale_is_removed_before_mgda(policy):
     single = tf.distribute.get_strategy()
     keras.utils.set_random_seed(0)
