@@ -61,13 +61,21 @@ def _pyplot():
     return plt
 
 
+# Files that depend only on what is drawn: no creation date, and SVG ids
+# from a fixed salt instead of a random one (a resumed or repeated run
+# writes the same bytes).
+_NO_DATE = {".svg": {"Date": None}, ".pdf": {"CreationDate": None}}
+
+
 def _save(fig, path, dpi=100):
     """Writes and closes `fig`; SVG text stays text (searchable, editable)."""
     import matplotlib
     plt = _pyplot()
+    metadata = _NO_DATE.get(os.path.splitext(str(path))[1].lower())
     try:
-        with matplotlib.rc_context({"svg.fonttype": "none"}):
-            fig.savefig(path, dpi=dpi)
+        with matplotlib.rc_context({"svg.fonttype": "none",
+                                    "svg.hashsalt": "e2rnas"}):
+            fig.savefig(path, dpi=dpi, metadata=metadata)
     finally:
         plt.close(fig)
     return path

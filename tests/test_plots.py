@@ -98,6 +98,16 @@ def test_plot_genotype_writes_png_and_svg(tmp_path):
         assert f">{op}<" in svg
 
 
+def test_the_same_figure_gives_the_same_bytes(tmp_path):
+    # No date or random ids: a repeated or resumed run writes identical
+    # files (tools/killpoints.py compares them byte for byte).
+    genotype = genotypes.PUBLISHED["E2RNAS"]
+    first = plots.plot_genotype(genotype, str(tmp_path / "a"), "e2")
+    second = plots.plot_genotype(genotype, str(tmp_path / "b"), "e2")
+    for a, b in zip(first, second):
+        assert open(a, "rb").read() == open(b, "rb").read(), a
+
+
 def test_bad_cell_name():
     with pytest.raises(ValueError, match="cell="):
         plots.cell_figure(genotypes.PUBLISHED["E2RNAS"], "other")
