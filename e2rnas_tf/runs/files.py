@@ -11,7 +11,8 @@ from __future__ import annotations
 import json
 import os
 
-__all__ = ["read_json", "save_keras", "write_json", "write_text"]
+__all__ = ["read_json", "save_keras", "write_bytes", "write_json",
+           "write_text"]
 
 
 def _fsync_dir(directory):
@@ -34,11 +35,16 @@ def _tmp_path(path):
 
 def write_text(path, text):
     """Writes ``text`` to ``path`` atomically (see the module)."""
+    write_bytes(path, text.encode())
+
+
+def write_bytes(path, data):
+    """Writes ``data`` (bytes) to ``path`` atomically (see the module)."""
     path = os.fspath(path)
     tmp = _tmp_path(path)
     try:
-        with open(tmp, "w") as f:
-            f.write(text)
+        with open(tmp, "wb") as f:
+            f.write(data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

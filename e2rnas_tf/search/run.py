@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import io
 import os
 import time
 
@@ -538,7 +539,11 @@ class _AlphaHistory:
     def append(self, net):
         self.arrays["alpha_normal"].append(net.alpha_normal.numpy())
         self.arrays["alpha_reduce"].append(net.alpha_reduce.numpy())
-        np.savez(self.path, **{k: np.stack(v) for k, v in self.arrays.items()})
+        # Atomically: a kill mid-write must not leave a file the resumed
+        # run cannot read.
+        buffer = io.BytesIO()
+        np.savez(buffer, **{k: np.stack(v) for k, v in self.arrays.items()})
+        files.write_bytes(self.path, buffer.getvalue())
 
 
 def _end_of_epoch(epoch, net, config, params_table, evaluate, eval_split,
