@@ -4,10 +4,8 @@ FLOP counts are checked against hand formulas on single layers; the table
 writer and argument validation on given inputs. No timing assertions.
 """
 
-import importlib.util
 import json
 import os
-import sys
 
 import keras
 import numpy as np
@@ -16,21 +14,10 @@ import tensorflow as tf
 
 from e2rnas_tf.search import objectives
 from e2rnas_tf.space import costs
+from tests.tool_util import load_tool
 
-_TOOLS = os.path.join(os.path.dirname(__file__), "..", "tools")
-
-
-def _load(name):
-    spec = importlib.util.spec_from_file_location(
-        name, os.path.join(_TOOLS, name + ".py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault(name, module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load("benchmark")
-matrix = _load("benchmark_matrix")
+bench = load_tool("benchmark")
+matrix = load_tool("benchmark_matrix")
 
 
 def _graph(fn, *shapes):

@@ -29,6 +29,7 @@ import tensorflow as tf
 from PIL import Image
 
 from e2rnas_tf import data
+from tests.tool_util import load_tool
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 SHARED_TARBALLS = [
@@ -182,14 +183,6 @@ def test_folder_cache_roundtrip_and_invalidation(tmp_path, monkeypatch):
 # --------------------------------------------------------------------------
 
 
-def load_tool():
-    spec = importlib.util.spec_from_file_location(
-        "build_embedded_data", REPO / "tools" / "build_embedded_data.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_embedded_default_is_shipped_and_balanced():
     asset = importlib.resources.files("e2rnas_tf").joinpath(
         "assets", "cifar10_subset.npz")
@@ -252,7 +245,7 @@ def make_jpeg_tarball(path, classes=("b_cls", "a_cls"), n_train=3, n_test=2):
 
 
 def test_build_tool_keeps_bytes_and_is_reproducible(tmp_path):
-    tool = load_tool()
+    tool = load_tool("build_embedded_data")
     tarball = make_jpeg_tarball(tmp_path / "mini.tar.gz")
     out1, out2 = tmp_path / "a.npz", tmp_path / "b.npz"
     per_class = {"train": 2, "test": 1}
@@ -760,7 +753,7 @@ def test_error_mixed_sizes_without_image_size(good_folder):
 
 
 def test_error_labels_out_of_range(tmp_path):
-    tool = load_tool()
+    tool = load_tool("build_embedded_data")
     tarball = make_jpeg_tarball(tmp_path / "mini.tar.gz")
     out = tmp_path / "bad.npz"
     arrays = tool.build(str(tarball), str(out), {"train": 2, "test": 1})
@@ -797,7 +790,7 @@ def test_error_data_that_cannot_train_a_classifier(tmp_path, monkeypatch):
                       f"Only 1 class folder in {one / 'train'} (a)",
                       "a classifier needs at least 2 classes")
     # Any other source with one class (here an embedded file).
-    tool = load_tool()
+    tool = load_tool("build_embedded_data")
     path = tmp_path / "one.npz"
     arrays = tool.build(str(make_jpeg_tarball(tmp_path / "one.tar.gz",
                                               classes=("a_cls",))),
