@@ -118,7 +118,7 @@ def test_killed_at_an_epoch_end_or_mid_write_resumes_identically(
     for i, point in enumerate([killpoints.KillPoint("boundary", 3),
                                killpoints.KillPoint("mid-write", 4)]):
         workdir = tmp_path / f"kill_{i}"
-        step = killpoints.kill_at(kind, workdir, point)
+        step, _ = killpoints.kill_at(kind, workdir, point)
         assert step is not None, f"{point.label}: finished before the kill"
         killpoints.run_to_end(kind, workdir)
         assert killpoints.compare_runs(reference, workdir) == [], point.label

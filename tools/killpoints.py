@@ -30,7 +30,10 @@ workdir with the reference, file by file:
   without its save date; not the zip's entry times);
 - the workdir's own path, where a file names it, counts as equal.
 
-A kill point whose run finished before the kill is reported, not counted.
+A kill point whose run finished before the kill is reported, not counted;
+a random one is then drawn again within that run's duration (at most
+``--random`` redraws), so that the random kills land although the machine's
+speed varies.
 Prints a table (markdown); exits 0 when every kill point resumed to
 identical files, 1 otherwise, 2 on bad arguments.
 
@@ -246,8 +249,9 @@ class KillPoint:
 
 
 def kill_at(kind, workdir, point, timeout=900):
-    """Starts the run, SIGKILLs it at ``point``; returns the last step its
-    manifest listed at the kill, or None if it finished first."""
+    """Starts the run, SIGKILLs it at ``point``; returns (the last step its
+    manifest listed at the kill, or None if the run finished first; the
+    seconds from the start to the kill or the end)."""
     start = time.perf_counter()
     proc = subprocess.Popen(command(kind, workdir), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL,
@@ -258,11 +262,11 @@ def kill_at(kind, workdir, point, timeout=900):
             if point.reached(workdir, elapsed):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                return max(_manifest_steps(workdir), default=0)
+                return max(_manifest_steps(workdir), default=0), elapsed
             if elapsed > timeout:
                 raise RuntimeError(f"{kind} run timed out after {timeout} s")
             time.sleep(0.002)
-        return None
+        return None, time.perf_counter() - start
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -302,14 +306,22 @@ def fuzz(kind, root, n_random, n_startup, seed, log=print):
     shutil.rmtree(root / "rerun")
     rows = []
     rng = random.Random(seed)
-    for i, point in enumerate(kill_points(kind, seconds, first_line,
-                                          n_random, n_startup, rng)):
-        workdir = root / f"kill_{i:02d}"
-        step = kill_at(kind, workdir, point)
+    queue = kill_points(kind, seconds, first_line, n_random, n_startup, rng)
+    redraws = n_random
+    while queue:
+        point = queue.pop(0)
+        workdir = root / f"kill_{len(rows):02d}"
+        step, elapsed = kill_at(kind, workdir, point)
         if step is None:
             rows.append((kind, point.label, "-", "finished before the kill"))
             shutil.rmtree(workdir, ignore_errors=True)
             log(f"{kind}: {point.label}: finished before the kill")
+            if point.kind == "random" and redraws:
+                # The machine got faster than the reference: draw again
+                # within this run's duration, so that n_random kills land.
+                redraws -= 1
+                queue.append(KillPoint("random", rng.uniform(
+                    min(first_line or 0.0, elapsed), elapsed)))
             continue
         try:
             run_to_end(kind, workdir)
