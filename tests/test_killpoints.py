@@ -91,10 +91,16 @@ def test_kill_points_cover_every_boundary_writes_and_random_instants():
     labels = [p.label for p in points]
     assert labels[:6] == [f"boundary {s}" for s in range(1, 7)]
     assert labels[6:9] == ["mid-write 1", "mid-write 3", "mid-write 6"]
-    times = [p.value for p in points if p.kind == "random"]
-    assert len(times) == 20
-    assert all(0.5 <= t <= 20.0 for t in times[:2])
-    assert all(20.0 <= t <= 60.0 for t in times[2:])
+    startup = [p for p in points if p.kind == "start-up"]
+    assert len(startup) == 2 and all(0.5 <= p.value <= 20.0 for p in startup)
+    randoms = [p for p in points if p.kind == "random"]
+    assert len(randoms) == 18
+    assert all(0.0 <= p.value <= 1.0 and p.span == 40.0 for p in randoms)
+    # A random kill waits for the run's own first metrics line.
+    late = killpoints.KillPoint("random", 0.5, 40.0)
+    assert not late.reached("nowhere", 100.0, None)
+    assert not late.reached("nowhere", 39.0, 20.0)
+    assert late.reached("nowhere", 40.0, 20.0)
 
 
 def test_bad_arguments_exit_2(tmp_path, capsys):
@@ -118,7 +124,7 @@ def test_killed_at_an_epoch_end_or_mid_write_resumes_identically(
     for i, point in enumerate([killpoints.KillPoint("boundary", 3),
                                killpoints.KillPoint("mid-write", 4)]):
         workdir = tmp_path / f"kill_{i}"
-        step, _ = killpoints.kill_at(kind, workdir, point)
+        step = killpoints.kill_at(kind, workdir, point)
         assert step is not None, f"{point.label}: finished before the kill"
         killpoints.run_to_end(kind, workdir)
         assert killpoints.compare_runs(reference, workdir) == [], point.label

@@ -13,10 +13,13 @@ point, it starts the same command in a fresh workdir, SIGKILLs it:
   genotype, evaluation and metrics line);
 - ``mid-write N``: as soon as a file of checkpoint N exists and the manifest
   does not list it yet (during the checkpoint's write and verification);
-- ``random T``: T seconds after the start, T drawn uniformly over the
-  reference's stepping time (from its first metrics line to its end, the
-  final writes included) and, for ``--startup`` of them, over its start-up
-  (data, building, compilation);
+- ``start-up T`` (``--startup`` of the ``--random`` kills): T seconds
+  after the start, T uniform over the start-up (data, building,
+  compilation: before the first metrics line);
+- ``random F``: at fraction F (uniform in [0, 1]) of the stepping time
+  (first metrics line to the end, the final writes included), timed from
+  the run's own first metrics line, the stepping time measured on the
+  second uninterrupted run;
 
 runs the same command again to completion, and compares the resumed
 workdir with the reference, file by file:
@@ -31,7 +34,7 @@ workdir with the reference, file by file:
 - the workdir's own path, where a file names it, counts as equal.
 
 A kill point whose run finished before the kill is reported, not counted;
-a random one is then drawn again within that run's duration (at most
+a random one is then drawn again at an earlier fraction (at most
 ``--random`` redraws), so that the random kills land although the machine's
 speed varies.
 Prints a table (markdown); exits 0 when every kill point resumed to
@@ -230,43 +233,64 @@ def run_to_end(kind, workdir, timeout=900):
 
 @dataclasses.dataclass
 class KillPoint:
-    kind: str          # "boundary", "mid-write", "random"
-    value: float       # the step, or the seconds after the start
+    """Where to kill: ``kind`` "boundary" or "mid-write" of checkpoint
+    ``value``; "start-up", ``value`` seconds after the start; "random", at
+    fraction ``value`` of the stepping time ``span`` (seconds from the run's
+    own first metrics line)."""
+
+    kind: str
+    value: float
+    span: float = 0.0
 
     @property
     def label(self):
+        if self.kind == "start-up":
+            return f"start-up {self.value:.1f} s"
         if self.kind == "random":
-            return f"random {self.value:.1f} s"
+            return (f"random {self.value:.2f} of the steps "
+                    f"({self.value * self.span:.1f} s)")
         return f"{self.kind} {int(self.value)}"
 
-    def reached(self, workdir, elapsed):
+    def reached(self, workdir, elapsed, first_line):
+        """``first_line``: when this run wrote its first metrics line (None
+        before it has)."""
         if self.kind == "boundary":
             return int(self.value) in _manifest_steps(workdir)
         if self.kind == "mid-write":
             return (_checkpoint_files(workdir, int(self.value))
                     and int(self.value) not in _manifest_steps(workdir))
-        return elapsed >= self.value
+        if self.kind == "start-up":
+            return elapsed >= self.value
+        return (first_line is not None
+                and elapsed - first_line >= self.value * self.span)
+
+
+def _has_metrics(workdir):
+    path = pathlib.Path(workdir) / "metrics.jsonl"
+    return path.exists() and path.stat().st_size > 0
 
 
 def kill_at(kind, workdir, point, timeout=900):
-    """Starts the run, SIGKILLs it at ``point``; returns (the last step its
-    manifest listed at the kill, or None if the run finished first; the
-    seconds from the start to the kill or the end)."""
+    """Starts the run, SIGKILLs it at ``point``; returns the last step its
+    manifest listed at the kill, or None if the run finished first."""
     start = time.perf_counter()
     proc = subprocess.Popen(command(kind, workdir), env=_env(), cwd=REPO,
                             stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    first_line = None
     try:
         while proc.poll() is None:
             elapsed = time.perf_counter() - start
-            if point.reached(workdir, elapsed):
+            if first_line is None and _has_metrics(workdir):
+                first_line = elapsed
+            if point.reached(workdir, elapsed, first_line):
                 proc.send_signal(signal.SIGKILL)
                 proc.wait()
-                return max(_manifest_steps(workdir), default=0), elapsed
+                return max(_manifest_steps(workdir), default=0)
             if elapsed > timeout:
                 raise RuntimeError(f"{kind} run timed out after {timeout} s")
             time.sleep(0.002)
-        return None, time.perf_counter() - start
+        return None
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -275,17 +299,19 @@ def kill_at(kind, workdir, point, timeout=900):
 
 def kill_points(kind, seconds, first_line, n_random, n_startup, rng):
     """Every checkpoint boundary, a write in progress of a few checkpoints,
-    and ``n_random`` random instants (``n_startup`` of them before the
-    first metrics line)."""
+    ``n_startup`` instants in the start-up (before the first metrics line
+    at ``first_line`` seconds) and ``n_random - n_startup`` at random
+    fractions of the stepping (``seconds - first_line``, the final writes
+    included), timed from each run's own first metrics line."""
     steps = TOTAL_STEPS[kind]
     points = [KillPoint("boundary", s) for s in range(1, steps + 1)]
     points += [KillPoint("mid-write", s)
                for s in sorted({1, steps // 2, steps})]
-    first_line = first_line or 0.0
     n_startup = min(n_startup, n_random)
-    points += [KillPoint("random", rng.uniform(0.5, first_line))
+    points += [KillPoint("start-up", rng.uniform(0.5, first_line))
                for _ in range(n_startup)]
-    points += [KillPoint("random", rng.uniform(first_line, seconds))
+    span = seconds - first_line
+    points += [KillPoint("random", rng.uniform(0.0, 1.0), span)
                for _ in range(n_random - n_startup)]
     return points
 
@@ -298,7 +324,8 @@ def fuzz(kind, root, n_random, n_startup, seed, log=print):
     seconds, first_line = run_to_end(kind, reference)
     log(f"{kind}: reference in {seconds:.0f} s (first metrics line at "
         f"{first_line or 0:.0f} s)")
-    run_to_end(kind, root / "rerun")
+    # The rerun, just before the kills, also times them.
+    seconds, first_line = run_to_end(kind, root / "rerun")
     problems = compare_runs(reference, root / "rerun")
     if problems:
         raise RuntimeError(f"two uninterrupted {kind} runs differ, so a "
@@ -306,22 +333,22 @@ def fuzz(kind, root, n_random, n_startup, seed, log=print):
     shutil.rmtree(root / "rerun")
     rows = []
     rng = random.Random(seed)
-    queue = kill_points(kind, seconds, first_line, n_random, n_startup, rng)
+    queue = kill_points(kind, seconds, first_line or 0.0, n_random,
+                        n_startup, rng)
     redraws = n_random
     while queue:
         point = queue.pop(0)
         workdir = root / f"kill_{len(rows):02d}"
-        step, elapsed = kill_at(kind, workdir, point)
+        step = kill_at(kind, workdir, point)
         if step is None:
             rows.append((kind, point.label, "-", "finished before the kill"))
             shutil.rmtree(workdir, ignore_errors=True)
             log(f"{kind}: {point.label}: finished before the kill")
             if point.kind == "random" and redraws:
-                # The machine got faster than the reference: draw again
-                # within this run's duration, so that n_random kills land.
+                # The run went faster than the rerun: an earlier fraction.
                 redraws -= 1
-                queue.append(KillPoint("random", rng.uniform(
-                    min(first_line or 0.0, elapsed), elapsed)))
+                queue.insert(0, KillPoint(
+                    "random", rng.uniform(0.0, point.value), point.span))
             continue
         try:
             run_to_end(kind, workdir)
