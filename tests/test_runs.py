@@ -70,6 +70,13 @@ def test_one_identity_rule(tmp_path):
         f"{run} holds another run (epochs: 3 there, 4 here; model.extra: "
         "absent there); pass --overwrite to replace it or choose another "
         "--workdir")
+    # A run of another kind: the first differences, and how many more.
+    with pytest.raises(workdir_lib.WorkdirError) as error:
+        _claim(run, {f"f{i}": i for i in range(6)})
+    assert str(error.value) == (
+        f"{run} holds another run (epochs: absent here; f0: absent there; "
+        "f1: absent there; f2: absent there; and 4 more differences); pass "
+        "--overwrite to replace it or choose another --workdir")
     claim = _claim(run, {"epochs": 4}, overwrite=True)
     assert not claim.resume
     assert set(claim.stale) == {"config.json", "metrics.jsonl"}
@@ -143,6 +150,24 @@ def test_run_context_owns_the_directory(tmp_path):
     assert not (run_dir / workdir_lib.WorkdirLock.FILENAME).exists()
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
     assert context.EXIT_CODES == {"SIGTERM": 0, "SIGINT": 130}
+
+
+def test_a_killed_writers_temporary_files_are_removed_on_open(tmp_path):
+    run_dir = tmp_path / "run"
+    (run_dir / "genotypes").mkdir(parents=True)
+    (run_dir / "checkpoints").mkdir()
+    dead = [run_dir / ".tmp-999999-model_best.keras",
+            run_dir / ".config.json.tmp-999999",
+            run_dir / "genotypes" / "epoch_001.json.tmp-999999"]
+    kept = [run_dir / "genotype.json", run_dir / "model.tmp-x",
+            run_dir / f".summary.json.tmp-{os.getpid()}",
+            run_dir / "checkpoints" / ".checkpoint_ok.json.tmp-999999"]
+    for path in dead + kept:
+        path.write_text("x")
+    with context.Run(str(run_dir), _run_config()) as run:
+        run.open()
+    assert [p.exists() for p in dead] == [False] * 3
+    assert [p.exists() for p in kept] == [True] * 4
 
 
 def test_a_non_chief_scratch_directory_is_removed(tmp_path):

@@ -99,8 +99,10 @@ def test_train_step_matches_clipped_l2_sgd():
                                      strategy, config)
     out = step(images, labels, tf.constant(0, tf.int64),
                tf.constant(config.optim.lr))
-    assert set(out) == {"loss", "ce", "aux_ce", "accuracy", "grad_norm",
-                        "loss_scale", "skipped"}
+    # The run checkpoints the epoch's sums of these, in this order.
+    assert tuple(out) == train_lib.STEP_METRICS == (
+        "loss", "ce", "aux_ce", "accuracy", "grad_norm", "loss_scale",
+        "skipped")
     assert float(out["skipped"]) == 0.0
     assert float(out["loss"]) == pytest.approx(float(loss), rel=1e-5)
     assert float(out["grad_norm"]) == pytest.approx(norm, rel=1e-4)

@@ -22,6 +22,8 @@ What both loops need and used to solve each in its own way:
   with them its Input Pipeline Analysis lists every step's time, and so
   does the Overview page for runs with ``jit_compile``);
 - the limit on consecutive skipped steps (non-finite values);
+- the temporary files of a killed predecessor, removed when the run opens
+  its outputs (`files.remove_temporaries`);
 - a non-chief worker's scratch directory, removed at the end.
 
 Example:
@@ -51,6 +53,7 @@ import time
 import tensorflow as tf
 
 from e2rnas_tf import tensorboard as tb_lib
+from e2rnas_tf.runs import files
 from e2rnas_tf.runs import metrics as metrics_lib
 from e2rnas_tf.runs import workdir as workdir_lib
 
@@ -168,6 +171,8 @@ class Run:
                 checkpoint covers; None starts a new ``metrics.jsonl``.
         """
         stack = self._stack
+        # What a killed predecessor was writing when it died.
+        files.remove_temporaries(self.workdir, skip=("checkpoints", "tb"))
         self.metrics = metrics_lib.MetricsLog(
             os.path.join(self.workdir, "metrics.jsonl"), keep=keep)
         stack.callback(self.metrics.close)

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
-__all__ = ["read_json", "save_keras", "write_bytes", "write_json",
-           "write_text"]
+__all__ = ["read_json", "remove_temporaries", "save_keras", "write_bytes",
+           "write_json", "write_text"]
 
 
 def _fsync_dir(directory):
@@ -89,3 +90,25 @@ def save_keras(model, path):
         if os.path.exists(tmp):
             os.remove(tmp)
     _fsync_dir(directory)
+
+
+# The temporary names of this module (``.NAME.tmp-PID``, ``.tmp-PID-NAME``)
+# and of `Genotype.save` (``NAME.tmp-PID``).
+_TEMPORARY = re.compile(r"^(\.tmp-(?P<a>\d+)-.+|.+\.tmp-(?P<b>\d+))$")
+
+
+def remove_temporaries(directory, skip=()):
+    """Removes the temporary files that writers killed mid-write left below
+    ``directory`` (not below its subdirectories named in ``skip``); call it
+    only while holding the directory's lock. Returns the removed paths."""
+    removed = []
+    for root, dirs, names in os.walk(directory):
+        if root == directory:
+            dirs[:] = [d for d in dirs if d not in skip]
+        for name in names:
+            match = _TEMPORARY.match(name)
+            if match and int(match["a"] or match["b"]) != os.getpid():
+                path = os.path.join(root, name)
+                os.remove(path)
+                removed.append(path)
+    return removed

@@ -55,6 +55,9 @@ from e2rnas_tf.space import model as model_lib
 __all__ = ["TrainingDiverged", "drop_path_at", "main", "train"]
 
 # Written by `train`; a workdir holding any of them belongs to some run.
+# What the training step returns, in its order (see `make_train_step`).
+STEP_METRICS = ("loss", "ce", "aux_ce", "accuracy", "grad_norm",
+                "loss_scale", "skipped")
 OUTPUTS = ("config.json", "genotype.json", "metrics.jsonl", "checkpoints",
            "tb", "model_last.keras", "model_best.keras", "summary.json")
 
@@ -378,6 +381,10 @@ class _State:
     # it.
     epochs_done: tf.Variable
     best: tf.Variable
+    # The current epoch's sums of the step metrics (`STEP_METRICS`) and
+    # their count: a run resumed mid-epoch reports the same epoch averages.
+    epoch_sums: tf.Variable
+    epoch_count: tf.Variable
 
     def checkpoint(self, directory, fingerprint):
         return ckpt_lib.RunCheckpoint(
@@ -386,7 +393,8 @@ class _State:
              "optimizer": ckpt_lib.numbered_variables(self.sgd),
              "loss_scale": ckpt_lib.numbered_variables(self.loss_scale),
              "step": self.global_step, "epochs_done": self.epochs_done,
-             "best_accuracy": self.best},
+             "best_accuracy": self.best, "epoch_sums": self.epoch_sums,
+             "epoch_count": self.epoch_count},
             fingerprint=fingerprint, max_to_keep=3)
 
 
@@ -414,7 +422,12 @@ def _build(config, genotype, info, strategy):
                                   name="epochs_done")
         best = tf.Variable(-1.0, dtype=tf.float32, trainable=False,
                            name="best_accuracy")
-    return _State(model, sgd, loss_scale, global_step, epochs_done, best)
+        epoch_sums = tf.Variable(tf.zeros(len(STEP_METRICS), tf.float64),
+                                 trainable=False, name="epoch_sums")
+        epoch_count = tf.Variable(0, dtype=tf.int64, trainable=False,
+                                  name="epoch_count")
+    return _State(model, sgd, loss_scale, global_step, epochs_done, best,
+                  epoch_sums, epoch_count)
 
 
 def _train(config, workdir, chief_dir, genotype, claim):
@@ -490,8 +503,8 @@ def _train(config, workdir, chief_dir, genotype, claim):
             step, sums, count = _train_epoch(
                 run, functools.partial(train_fn, lr=tf.constant(
                     lr, tf.float32)),
-                ds, steps_per_epoch - skip, step, global_step, checkpoint,
-                progress, epoch * steps_per_epoch)
+                ds, steps_per_epoch - skip, step, state, checkpoint,
+                progress, epoch * steps_per_epoch, resumed=skip > 0)
             if step < (epoch + 1) * steps_per_epoch:
                 # Stopped mid-epoch: the finished steps are saved; the same
                 # command resumes from them.
@@ -499,8 +512,8 @@ def _train(config, workdir, chief_dir, genotype, claim):
                 return _stopped(run, step, workdir, checkpoint)
             record = {"epoch": epoch, "step": step, "lr": lr,
                       "drop_path_rate": rate,
-                      **{f"train_{k}": v / max(count, 1)
-                         for k, v in sums.items()},
+                      **{f"train_{k}": sums[k] / max(count, 1)
+                         for k in STEP_METRICS if k in sums},
                       "train_seconds": time.time() - start}
             print(f"  evaluating on {len(test_data)} test images", flush=True)
             done = _end_of_epoch(run, state, record, lambda: evaluate_clean(
@@ -577,13 +590,24 @@ def _step_line(in_epoch, steps, sums, count):
             f" acc {sums.get('accuracy', 0.0) / count:.4f}")
 
 
-def _train_epoch(run, train_fn, ds, steps, step, global_step, checkpoint,
-                 progress, epoch_start):
+def _train_epoch(run, train_fn, ds, steps, step, state, checkpoint,
+                 progress, epoch_start, resumed):
     """One epoch's steps (the epoch starts at global step
-    ``epoch_start``); returns ``(step, sums, count)``. Stops early
-    (``step`` short of the epoch's end) when the run is asked to stop."""
+    ``epoch_start``); returns ``(step, sums, count)`` of the whole epoch
+    (``resumed``: continuing the epoch whose sums are in ``state``). Stops
+    early (``step`` short of the epoch's end) when the run is asked to
+    stop."""
     log_every = progress.every
-    sums, count, taken = {}, 0, 0
+    global_step = state.global_step
+    if resumed:
+        count = int(state.epoch_count.numpy())
+        sums = (dict(zip(STEP_METRICS, state.epoch_sums.numpy().tolist()))
+                if count else {})
+    else:
+        sums, count = {}, 0
+        state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
+        state.epoch_count.assign(0)
+    taken = 0
     for images, labels in ds:
         with run.trace(step):
             out = {k: float(v) for k, v in train_fn(
@@ -609,6 +633,8 @@ def _train_epoch(run, train_fn, ds, steps, step, global_step, checkpoint,
             for k, v in out.items():
                 sums[k] = sums.get(k, 0.0) + v
             count += 1
+            state.epoch_sums.assign([sums[k] for k in STEP_METRICS])
+            state.epoch_count.assign(count)
         in_epoch = step - epoch_start
         progress.update(
             in_epoch, [("loss", out["loss"]), ("acc", out["accuracy"])],
