@@ -117,8 +117,10 @@ _CASES = ("Case", "StatelessCase")
 
 
 
-# The benchmark is a process of its own: its runtime set-up (precision,
-# seeds, determinism) holds until it exits.
+# The runtime set-up of a measurement (precision, seeds, determinism)
+# holds until `main` returns, which restores the process (left to the
+# interpreter's exit, the restore ran after its modules were gone and
+# printed an ImportError).
 _PROCESS = contextlib.ExitStack()
 
 
@@ -885,6 +887,7 @@ def main(argv=None):
         record["reason"] = f"{type(error).__name__}: {_one_line(error)}"
         raise
     finally:
+        _PROCESS.close()
         record["load_end"] = round(os.getloadavg()[0], 2)
         if args.json:
             append_json(args.json, record)
