@@ -38,6 +38,9 @@ __all__ = ["Claim", "NON_IDENTITY_FIELDS", "WorkdirBusyError",
 # them changed.
 NON_IDENTITY_FIELDS = ("log_every", "checkpoint_every", "checkpoint_minutes",
                        "profile_steps", "evaluate")
+# Differences named in the message (a run of another kind differs in
+# dozens of fields).
+_SHOWN = 4
 _HINT = "pass --overwrite to replace it or choose another --workdir"
 
 
@@ -134,7 +137,9 @@ def claim(workdir, identity, *, record, read, outputs=(), overwrite=False,
         diffs = differences(stored, json.loads(json.dumps(identity)))
         if not diffs:
             return Claim(resume=True)
-        reason = "; ".join(diffs)
+        reason = "; ".join(diffs[:_SHOWN])
+        if len(diffs) > _SHOWN:
+            reason += f"; and {len(diffs) - _SHOWN} more differences"
     if not overwrite:
         raise WorkdirError(
             f"{workdir} holds another {what} ({reason}); {_HINT}")
