@@ -512,8 +512,8 @@ def _train(config, workdir, chief_dir, genotype, claim):
                 return _stopped(run, step, workdir, checkpoint)
             record = {"epoch": epoch, "step": step, "lr": lr,
                       "drop_path_rate": rate,
-                      **{f"train_{k}": sums[k] / max(count, 1)
-                         for k in STEP_METRICS if k in sums},
+                      **({f"train_{k}": sums[k] / count
+                          for k in STEP_METRICS} if count else {}),
                       "train_seconds": time.time() - start}
             print(f"  evaluating on {len(test_data)} test images", flush=True)
             done = _end_of_epoch(run, state, record, lambda: evaluate_clean(
@@ -586,8 +586,8 @@ def _step_line(in_epoch, steps, sums, count):
     """A progress line (piped output): the epoch's mean loss and accuracy
     so far."""
     count = max(count, 1)
-    return (f"  step {in_epoch}/{steps} loss {sums.get('loss', 0.0) / count:.4f}"
-            f" acc {sums.get('accuracy', 0.0) / count:.4f}")
+    return (f"  step {in_epoch}/{steps} loss {sums['loss'] / count:.4f}"
+            f" acc {sums['accuracy'] / count:.4f}")
 
 
 def _train_epoch(run, train_fn, ds, steps, step, state, checkpoint,
@@ -601,12 +601,9 @@ def _train_epoch(run, train_fn, ds, steps, step, state, checkpoint,
     global_step = state.global_step
     if resumed:
         count = int(state.epoch_count.numpy())
-        sums = (dict(zip(STEP_METRICS, state.epoch_sums.numpy().tolist()))
-                if count else {})
+        sums = dict(zip(STEP_METRICS, state.epoch_sums.numpy().tolist()))
     else:
-        sums, count = {}, 0
-        state.epoch_sums.assign(tf.zeros_like(state.epoch_sums))
-        state.epoch_count.assign(0)
+        count, sums = 0, dict.fromkeys(STEP_METRICS, 0.0)
     taken = 0
     for images, labels in ds:
         with run.trace(step):
@@ -630,16 +627,17 @@ def _train_epoch(run, train_fn, ds, steps, step, state, checkpoint,
                     f"them are in {checkpoint.latest} (lower optim.lr or "
                     "check the data)")
         else:
-            for k, v in out.items():
-                sums[k] = sums.get(k, 0.0) + v
+            for k in STEP_METRICS:
+                sums[k] += out[k]
             count += 1
-            state.epoch_sums.assign([sums[k] for k in STEP_METRICS])
-            state.epoch_count.assign(count)
+        # Every step, so that any checkpoint holds this epoch's sums.
+        state.epoch_sums.assign([sums[k] for k in STEP_METRICS])
+        state.epoch_count.assign(count)
         in_epoch = step - epoch_start
         progress.update(
             in_epoch, [("loss", out["loss"]), ("acc", out["accuracy"])],
             line=functools.partial(_step_line, in_epoch, progress.part_units,
-                                   dict(sums), count))
+                                   sums, count))
         if step % log_every == 0:
             run.scalars(step, {"loss": out["loss"],
                                "accuracy": out["accuracy"]},
