@@ -84,9 +84,11 @@ def mirrored_main():
     print("train OK")
 
 
-def check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol):
+def check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol,
+                         unchecked=()):
     """The replicas' alphas are bit-identical and, with the last step's
-    metrics, equal the reference's within ``tol``."""
+    metrics (but those starting with a prefix in ``unchecked``), equal the
+    reference's within ``tol``."""
     for step, (m_alpha, r_alpha) in enumerate(zip(m_alphas, r_alphas)):
         for replicas, ref in zip(m_alpha, r_alpha):
             a, b = replicas
@@ -95,6 +97,8 @@ def check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol):
             np.testing.assert_allclose(a, ref[0], err_msg=f"step {step}",
                                        **tol)
     for key, value in r_metrics[-1].items():
+        if key.startswith(tuple(unchecked)):
+            continue
         np.testing.assert_allclose(m_metrics[-1][key], value, err_msg=key,
                                    **tol)
     assert m_metrics[-1]["skipped"] == 0.0
@@ -156,7 +160,13 @@ def mirrored_xla_main():
     net, init, m_metrics, m_alphas = run_search(mirrored, cfg, 1, steps=1)
     _, _, r_metrics, r_alphas = run_search(
         single, search_config(**{"arch.order": "second"}), 2, init, steps=1)
-    check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol)
+    # MGDA's weights are an ill-conditioned function of nearly collinear
+    # gradients: XLA's rounding moved weight/acc by 1 % (0.2278 vs 0.2302)
+    # in one loaded run (2026-12-02) while the combined direction, and so
+    # alpha, stayed within 1e-4; the weights are compared without XLA in
+    # `mirrored_main`.
+    check_search_matches(m_alphas, m_metrics, r_alphas, r_metrics, tol,
+                         unchecked=("weight/",))
     print("search OK")
 
     model = check_train_matches(mirrored, overrides, tol)
