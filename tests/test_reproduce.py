@@ -312,3 +312,92 @@ def test_paper_variant_has_the_papers_settings():
         assert search.ood.name == "svhn_cropped"
     assert tuple(sweep_config.get_config("paper").targets) == (
         2.0, 3.0, 4.0, 5.0, 6.0)
+
+
+# -- processes side by side in one workdir -----------------------------------
+
+def _fake_stages(monkeypatch, calls):
+    """pipeline's three stages as instant fakes recording their dirs."""
+    def search(config, stage_dir, **kwargs):
+        calls.append(stage_dir)
+        os.makedirs(stage_dir, exist_ok=True)
+        return {"genotype_path": os.path.join(stage_dir, "genotype.json")}
+
+    def train(config, stage_dir, **kwargs):
+        calls.append(stage_dir)
+        return {"model_path": os.path.join(stage_dir, "model_last.keras")}
+
+    def evaluate(config, model_path, stage_dir, **kwargs):
+        calls.append(stage_dir)
+        return {}
+
+    monkeypatch.setattr(pipeline, "search_stage", search)
+    monkeypatch.setattr(pipeline, "train_stage", train)
+    monkeypatch.setattr(pipeline, "evaluate_stage", evaluate)
+
+
+def test_a_setting_run_by_another_process_is_refused(tmp_path, monkeypatch):
+    calls = []
+    _fake_stages(monkeypatch, calls)
+    run_dir = str(tmp_path / "runs" / "darts_s0")
+    c = _tiny()
+    search_cfg, train_cfg = reproduce.method_configs(c, "darts", 0)
+    with workdir_lib.WorkdirLock(run_dir):   # another process's run
+        with pytest.raises(workdir_lib.WorkdirBusyError,
+                           match=f"{run_dir} is in use by another e2rnas"):
+            pipeline.search_train_evaluate(search_cfg, train_cfg, run_dir,
+                                           log=lambda *a: None)
+    assert calls == []
+    assert os.listdir(run_dir) == []
+
+
+def test_a_setting_runs_while_the_workdir_is_held(tmp_path, monkeypatch):
+    # Another process writing the workdir's results (or running other
+    # seeds) does not hold this setting back; its own lock is released.
+    calls = []
+    _fake_stages(monkeypatch, calls)
+    workdir = str(tmp_path)
+    run_dir = os.path.join(workdir, "runs", "darts_s1")
+    c = _tiny()
+    search_cfg, train_cfg = reproduce.method_configs(c, "darts", 1)
+    with workdir_lib.WorkdirLock(workdir), \
+            workdir_lib.WorkdirLock(os.path.join(workdir, "runs",
+                                                 "darts_s0")):
+        result = pipeline.search_train_evaluate(
+            search_cfg, train_cfg, run_dir, log=lambda *a: None)
+    assert calls == [os.path.join(run_dir, d)
+                     for d in ("search", "train", "evaluation")]
+    assert result["seconds"] == 0
+    assert not os.path.exists(os.path.join(run_dir,
+                                           workdir_lib.WorkdirLock.FILENAME))
+
+
+@pytest.mark.slow
+def test_seeds_side_by_side_in_one_workdir(tmp_path, subprocess_env):
+    workdir = str(tmp_path / "repro")
+    base = [sys.executable, "-m", "e2rnas_tf", "reproduce",
+            "--config=configs/reproduce.py:tiny", f"--workdir={workdir}",
+            "--config.methods=('darts',)"]
+    procs = [subprocess.Popen(base + [f"--config.seeds=({s},)"],
+                              cwd=str(REPO), env=subprocess_env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for s in (0, 1)]
+    outs = [p.communicate(timeout=900) for p in procs]
+    for p, (_, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+    # Each ran its own seed's three stages and no other.
+    for s, (out, _) in zip((0, 1), outs):
+        assert out.count("reproduce: run ") == 1
+        assert f"reproduce: run 1/1: DARTS (accuracy only), seed {s}\n" in out
+        assert "reusing its result" not in out
+    proc = _cli(base[3:] + ["--config.seeds=(0, 1)"], subprocess_env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("reusing its result") == 6
+    with open(os.path.join(workdir, "results", "results.json")) as f:
+        out = json.load(f)
+    assert [r["name"] for r in out["runs"]] == ["darts s0", "darts s1"]
+    for r in out["runs"]:
+        assert r["clean"] == _eval_json(
+            workdir, r["name"].replace(" ", "_"))["clean_accuracy"]
+    assert not any(name == workdir_lib.WorkdirLock.FILENAME
+                   for _, _, names in os.walk(workdir) for name in names)

@@ -4,6 +4,8 @@ import os
 import signal
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
@@ -37,6 +39,26 @@ def test_second_lock_in_the_same_process_is_refused(tmp_path):
     with workdir_lib.WorkdirLock(str(tmp_path)):
         assert lock_file.read_text().strip() == str(os.getpid())
     assert not lock_file.exists()
+
+
+def test_a_waiting_lock_takes_over_when_the_owner_releases(tmp_path):
+    first = workdir_lib.WorkdirLock(str(tmp_path)).acquire()
+    # Not released within the wait: refused, after waiting.
+    start = time.monotonic()
+    with pytest.raises(workdir_lib.WorkdirBusyError,
+                       match=f"pid {os.getpid()}"):
+        workdir_lib.WorkdirLock(str(tmp_path), wait=0.3).acquire()
+    assert time.monotonic() - start >= 0.3
+    # Released during the wait: taken.
+    timer = threading.Timer(0.3, first.release)
+    timer.start()
+    try:
+        with workdir_lib.WorkdirLock(str(tmp_path), wait=30):
+            assert first._fd is None
+            assert (tmp_path / workdir_lib.WorkdirLock.FILENAME) \
+                .read_text().strip() == str(os.getpid())
+    finally:
+        timer.join()
 
 
 def test_lock_of_a_killed_process_is_free_again(tmp_path, subprocess_env):

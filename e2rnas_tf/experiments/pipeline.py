@@ -13,6 +13,11 @@ again, so a long command that was stopped continues where it was; a stage
 that was interrupted resumes from its own checkpoints (search and train).
 A stage directory holding a different config is refused unless
 ``overwrite``, by the identity rule every run follows (`runs.workdir`).
+
+A process holds ``<run_dir>``'s lock (`runs.workdir.WorkdirLock`) while it
+runs that setting's stages, so processes sharing one command's workdir
+(seeds or settings started side by side) never run the same setting twice
+at once: the second is refused with the lock's one-line error.
 """
 
 from __future__ import annotations
@@ -26,6 +31,10 @@ import keras
 
 from e2rnas_tf.runs import files
 from e2rnas_tf.runs import workdir as workdir_lib
+
+# How long a command waits for another process to finish writing the
+# workdir's results (seconds of plotting and JSON) before refusing.
+RESULTS_WAIT_SECONDS = 300.0
 
 
 class PipelineError(ValueError):
@@ -188,7 +197,18 @@ def search_train_evaluate(search_config, train_config, run_dir, *,
     Returns:
         A dict with the ``search``, ``train`` and ``evaluation`` results and
         ``seconds`` (the three stages' wall time).
+
+    Raises:
+        runs.workdir.WorkdirBusyError: another process is running this
+            setting.
     """
+    with workdir_lib.WorkdirLock(run_dir):
+        return _search_train_evaluate(search_config, train_config, run_dir,
+                                      overwrite=overwrite, log=log)
+
+
+def _search_train_evaluate(search_config, train_config, run_dir, *,
+                           overwrite, log):
     search_dir = os.path.join(run_dir, "search")
     train_dir = os.path.join(run_dir, "train")
     eval_dir = os.path.join(run_dir, "evaluation")

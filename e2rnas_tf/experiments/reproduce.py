@@ -26,6 +26,12 @@ Layout of ``--workdir``::
     runs/<method>_s<seed>/{search,train,evaluation}/   (see pipeline.py)
     results/results.md, results.json, cells/*.png|svg, tradeoff.png|svg
 
+Each run is locked while it runs and the results while they are written,
+not the whole workdir: seeds (or methods) can run as processes side by side
+in one workdir (``--config.seeds='(0,)'`` in one, ``'(1,)'`` in another),
+and a last invocation with every seed reuses their runs and writes the
+tables.
+
 Reference:
     https://arxiv.org/abs/2011.09820
 """
@@ -328,9 +334,8 @@ def reproduce(config, workdir, *, overwrite=False, command="", log=print):
         ``{"records": [...], "summary": {...}, "results_dir": path}``.
     """
     _check(config)
-    with workdir_lib.WorkdirLock(workdir):
-        return _reproduce(config, workdir, overwrite=overwrite,
-                          command=command, log=log)
+    return _reproduce(config, workdir, overwrite=overwrite, command=command,
+                      log=log)
 
 
 def _reproduce(config, workdir, *, overwrite, command, log):
@@ -369,7 +374,9 @@ def _reproduce(config, workdir, *, overwrite, command, log):
                     for m in config.methods},
     }
     results_dir = os.path.join(workdir, "results")
-    summary = write_results(results_dir, records, config, meta)
+    # Another process may be writing them (seeds run side by side).
+    with workdir_lib.WorkdirLock(workdir, wait=pipeline.RESULTS_WAIT_SECONDS):
+        summary = write_results(results_dir, records, config, meta)
     log(f"reproduce: results in {results_dir}/results.md")
     return {"records": records, "summary": summary,
             "results_dir": results_dir}

@@ -16,6 +16,9 @@ Layout of ``--workdir``::
 The serving model goes to ``--export_base`` (default
 ``<workdir>/serving``) as ``<export_base>/<model_name>/<version>/``.
 A sweep run again continues, and exports only what it has not exported.
+Each setting is locked while it runs and the workdir while the front is
+exported and written, so settings can run as processes side by side in
+one workdir (see `pipeline`).
 
 Reference:
     https://arxiv.org/abs/2011.09820
@@ -253,16 +256,6 @@ def sweep(config, workdir, *, export_base=None, overwrite=False, command="",
         ``{"points": [...], "exports": {...}, "results_dir": path}``.
     """
     _check(config)
-    with workdir_lib.WorkdirLock(workdir):
-        return _sweep(config, workdir, export_base=export_base,
-                      overwrite=overwrite, command=command, log=log)
-
-
-def _sweep(config, workdir, *, export_base, overwrite, command, log):
-    from e2rnas_tf import plots
-    from e2rnas_tf.space import genotypes as genotypes_lib
-
-    export_base = export_base or os.path.join(workdir, "serving")
     robust_key = (config.robust.attack, f"{float(config.robust.eps):g}")
     points = []
     runs = settings(config)
@@ -273,6 +266,18 @@ def _sweep(config, workdir, *, export_base, overwrite, command, log):
             search_cfg, train_cfg, os.path.join(workdir, "runs", name),
             overwrite=overwrite, log=log)
         points.append(_point(name, objectives, target, result, robust_key))
+    # Runs are locked one by one (pipeline); the front, its exports and the
+    # tables under the workdir's lock.
+    with workdir_lib.WorkdirLock(workdir, wait=pipeline.RESULTS_WAIT_SECONDS):
+        return _front(config, workdir, points, export_base=export_base,
+                      command=command, log=log)
+
+
+def _front(config, workdir, points, *, export_base, command, log):
+    from e2rnas_tf import plots
+    from e2rnas_tf.space import genotypes as genotypes_lib
+
+    export_base = export_base or os.path.join(workdir, "serving")
     mask = pareto_mask([p["params_m"] for p in points],
                        [p["clean"] for p in points],
                        [p["robust"] for p in points])

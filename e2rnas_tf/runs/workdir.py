@@ -29,6 +29,7 @@ import fcntl
 import json
 import os
 import shutil
+import time
 
 __all__ = ["Claim", "NON_IDENTITY_FIELDS", "WorkdirBusyError",
            "WorkdirError", "WorkdirLock", "claim", "clear", "differences",
@@ -179,8 +180,12 @@ class WorkdirLock:
 
     FILENAME = ".e2rnas.lock"
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, *, wait=0.0):
+        """``wait``: seconds to wait for a busy lock before refusing (for a
+        short critical section another process may be in, such as writing
+        a workdir's results); 0 refuses at once."""
         self.path = os.path.join(workdir, self.FILENAME)
+        self.wait = float(wait)
         self._fd = None
 
     def _busy(self, fd):
@@ -193,13 +198,18 @@ class WorkdirLock:
     def acquire(self):
         """Takes the lock or raises `WorkdirBusyError`; returns self."""
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        deadline = time.monotonic() + self.wait
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
-                error = self._busy(fd) if e.errno in (
-                    errno.EWOULDBLOCK, errno.EACCES) else e
+                busy = e.errno in (errno.EWOULDBLOCK, errno.EACCES)
+                if busy and time.monotonic() < deadline:
+                    os.close(fd)
+                    time.sleep(0.1)
+                    continue
+                error = self._busy(fd) if busy else e
                 os.close(fd)
                 raise error from None
             # The previous owner may have removed the file between our
