@@ -36,18 +36,24 @@ def _tiny(**overrides):
 
 # -- pure parts --------------------------------------------------------------
 
+ROBUST = [["fgsm", "1"], ["fgsm", "2"], ["pgd", "1"], ["pgd", "2"]]
+
+
 def test_summarize_is_mean_and_sample_sd_per_method():
     rng = np.random.default_rng(0)
     records = []
     for method in ("darts", "e2rnas"):
         for seed in range(3):
-            r = {"method": method, "seed": seed}
-            for field, _, _ in reproduce.COLUMNS:
+            r = {"method": method, "seed": seed, "robust_fields": ROBUST}
+            for field, _, _ in reproduce.columns([r]):
                 r[field] = float(rng.random())
             records.append(r)
     summary = reproduce.summarize(records, ("darts", "e2rnas"))
+    assert set(summary["darts"]) == {
+        "search_params_m", "params_m", "macs_m", "clean", "fgsm_1",
+        "fgsm_2", "pgd_1", "pgd_2"}
     for method in ("darts", "e2rnas"):
-        for field, _, _ in reproduce.COLUMNS:
+        for field, _, _ in reproduce.columns(records):
             values = [r[field] for r in records if r["method"] == method]
             stat = summary[method][field]
             assert stat["n"] == 3
@@ -57,9 +63,40 @@ def test_summarize_is_mean_and_sample_sd_per_method():
 
 def test_summarize_single_seed_has_no_spread():
     record = {"method": "darts", "seed": 0}
-    record.update({f: 0.5 for f, _, _ in reproduce.COLUMNS})
+    record.update({f: 0.5 for f, _, _ in reproduce.BASE_COLUMNS})
     stat = reproduce.summarize([record], ("darts",))["darts"]["clean"]
     assert stat == {"mean": 0.5, "sd": None, "n": 1}
+
+
+def test_table_has_a_column_per_evaluated_attack_and_eps():
+    # The authors' protocol evaluates at 1/255 and 2/255: those are the
+    # columns (a table fixed at 2/255 and 8/255 showed "-" for 8 and
+    # dropped 1/255).
+    result = {
+        "search": {"genotype": {"normal": [["skip_connect", 0]] * 8,
+                                "reduce": [["max_pool_3x3", 0]] * 8,
+                                "normal_concat": [2, 3, 4, 5],
+                                "reduce_concat": [2, 3, 4, 5]}},
+        "train": {"params": 1e5, "macs": 2e7, "num_classes": 10,
+                  "image_size": 32},
+        "evaluation": {"clean_accuracy": 0.5, "num_examples": 10,
+                       "robust_accuracy": {
+                           "pgd": {"2": 0.125, "1": 0.25},
+                           "fgsm": {"1": 0.375, "2": 0.3125}}},
+        "seconds": 36.0}
+    records = [reproduce.run_record("darts", 0, result)]
+    assert [f for f, _, _ in reproduce.columns(records)][4:] == [
+        "fgsm_1", "fgsm_2", "pgd_1", "pgd_2"]
+    summary = reproduce.summarize(records, ("darts",))
+    meta = {"variant": "cpu", "command": "c", "machine": "m", "hours": 0.01,
+            "runs": 1, "data": "d", "finished": "f", "seeds": [0],
+            "num_examples": 10, "image_size": 32, "train_scale": "s"}
+    md = reproduce.format_results(records, summary, meta)
+    assert ("| clean acc | FGSM 1/255 | FGSM 2/255 | PGD 1/255 | PGD 2/255 "
+            "| hours |") in md
+    assert "8/255" not in md
+    assert "| darts s0 | " in md and \
+        "| 0.5000 | 0.3750 | 0.3125 | 0.2500 | 0.1250 | 0.01 |" in md
 
 
 @pytest.mark.parametrize("overrides, match", [

@@ -59,17 +59,28 @@ METHODS = {
     "v1": "E2RNAS, first version's code",
 }
 
-# (record field, table header, format): the per-run figures.
-COLUMNS = (
+# (record field, table header, format): the figures of every run; the
+# robust accuracies follow, one column per attack and eps the runs were
+# evaluated at (`columns`).
+BASE_COLUMNS = (
     ("search_params_m", "cell's params at 20 cells C=36 (M)", "{:.2f}"),
     ("params_m", "params (M)", "{:.3f}"),
     ("macs_m", "MACs (M)", "{:.1f}"),
     ("clean", "clean acc", "{:.4f}"),
-    ("fgsm_2", "FGSM 2/255", "{:.4f}"),
-    ("fgsm_8", "FGSM 8/255", "{:.4f}"),
-    ("pgd_2", "PGD 2/255", "{:.4f}"),
-    ("pgd_8", "PGD 8/255", "{:.4f}"),
 )
+
+
+def columns(records):
+    """`BASE_COLUMNS`, then ``<attack>_<eps>`` for every attack and eps in
+    the records' evaluations (attacks by name, eps ascending)."""
+    robust = {}
+    for r in records:
+        for attack, eps in r.get("robust_fields", ()):
+            robust[(attack, eps)] = None
+    keys = sorted(robust, key=lambda k: (k[0], float(k[1])))
+    return BASE_COLUMNS + tuple(
+        (f"{attack}_{eps}", f"{attack.upper()} {eps}/255", "{:.4f}")
+        for attack, eps in keys)
 
 
 class ReproduceError(ValueError):
@@ -171,7 +182,7 @@ def describe_method(search):
 
 
 def run_record(method, seed, result):
-    """One run's figures as a flat dict (see COLUMNS)."""
+    """One run's figures as a flat dict (see `columns`)."""
     ev = result["evaluation"]
     robust = ev.get("robust_accuracy", {})
     record = {
@@ -188,9 +199,11 @@ def run_record(method, seed, result):
         "num_examples": ev.get("num_examples"),
         "seconds": result["seconds"],
     }
+    record["robust_fields"] = []
     for attack, per_eps in robust.items():
         for eps, accuracy in per_eps.items():
             record[f"{attack}_{eps}"] = accuracy
+            record["robust_fields"].append([attack, eps])
     return record
 
 
@@ -211,7 +224,7 @@ def summarize(records, methods):
     for method in methods:
         rows = [r for r in records if r["method"] == method]
         summary[method] = {}
-        for field, _, _ in COLUMNS:
+        for field, _, _ in columns(records):
             mean, sd = _mean_sd(r.get(field) for r in rows)
             summary[method][field] = {"mean": mean, "sd": sd, "n": len(rows)}
     return summary
@@ -246,21 +259,22 @@ def format_results(records, summary, meta):
         lines += [f"- **{METHODS[m]}** (`{m}`): {text}"
                   for m, text in meta["methods"].items()]
         lines.append("")
-    header = ["method", "n"] + [h for _, h, _ in COLUMNS]
+    cols = columns(records)
+    header = ["method", "n"] + [h for _, h, _ in cols]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for method, stats in summary.items():
         n = next(iter(stats.values()))["n"]
         lines.append("| " + " | ".join(
             [METHODS[method], str(n)]
-            + [_cell(stats[f], fmt) for f, _, fmt in COLUMNS]) + " |")
+            + [_cell(stats[f], fmt) for f, _, fmt in cols]) + " |")
     lines += ["", "## Every run", ""]
-    header = ["run"] + [h for _, h, _ in COLUMNS] + ["hours"]
+    header = ["run"] + [h for _, h, _ in cols] + ["hours"]
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for r in records:
         values = [fmt.format(r[f]) if r.get(f) is not None else "-"
-                  for f, _, fmt in COLUMNS]
+                  for f, _, fmt in cols]
         lines.append("| " + " | ".join(
             [r["name"]] + values + [f"{r['seconds'] / 3600:.2f}"]) + " |")
     lines += ["", "## Genotypes", ""]
