@@ -68,11 +68,10 @@ def test_summarize_single_seed_has_no_spread():
     assert stat == {"mean": 0.5, "sd": None, "n": 1}
 
 
-def test_table_has_a_column_per_evaluated_attack_and_eps():
-    # The authors' protocol evaluates at 1/255 and 2/255: those are the
-    # columns (a table fixed at 2/255 and 8/255 showed "-" for 8 and
-    # dropped 1/255).
-    result = {
+def _result():
+    """A finished run's result as `pipeline.search_train_evaluate` gives
+    it, evaluated at 1/255 and 2/255 as the authors' protocol."""
+    return {
         "search": {"genotype": {"normal": [["skip_connect", 0]] * 8,
                                 "reduce": [["max_pool_3x3", 0]] * 8,
                                 "normal_concat": [2, 3, 4, 5],
@@ -84,7 +83,13 @@ def test_table_has_a_column_per_evaluated_attack_and_eps():
                            "pgd": {"2": 0.125, "1": 0.25},
                            "fgsm": {"1": 0.375, "2": 0.3125}}},
         "seconds": 36.0}
-    records = [reproduce.run_record("darts", 0, result)]
+
+
+def test_table_has_a_column_per_evaluated_attack_and_eps():
+    # The authors' protocol evaluates at 1/255 and 2/255: those are the
+    # columns (a table fixed at 2/255 and 8/255 showed "-" for 8 and
+    # dropped 1/255).
+    records = [reproduce.run_record("darts", 0, _result())]
     assert [f for f, _, _ in reproduce.columns(records)][4:] == [
         "fgsm_1", "fgsm_2", "pgd_1", "pgd_2"]
     summary = reproduce.summarize(records, ("darts",))
@@ -407,6 +412,28 @@ def test_a_setting_runs_while_the_workdir_is_held(tmp_path, monkeypatch):
     assert result["seconds"] == 0
     assert not os.path.exists(os.path.join(run_dir,
                                            workdir_lib.WorkdirLock.FILENAME))
+
+
+def test_results_wait_for_another_writer_then_refuse(tmp_path, monkeypatch):
+    # The runs (fakes here) are not held back by the workdir's lock, the
+    # results are: written once it is free, refused (nothing written, the
+    # runs kept) while another process still holds it after the wait.
+    monkeypatch.setattr(pipeline, "search_train_evaluate",
+                        lambda *a, **k: _result())
+    monkeypatch.setattr(pipeline, "RESULTS_WAIT_SECONDS", 0.3)
+    workdir = str(tmp_path)
+    results = os.path.join(workdir, "results")
+    with workdir_lib.WorkdirLock(workdir):
+        with pytest.raises(workdir_lib.WorkdirBusyError,
+                           match="in use by another e2rnas process"):
+            reproduce.reproduce(_tiny(), workdir, log=lambda *a: None)
+    assert not os.path.exists(results)
+    out = reproduce.reproduce(_tiny(), workdir, log=lambda *a: None)
+    assert out["results_dir"] == results
+    with open(os.path.join(results, "results.json")) as f:
+        assert [r["name"] for r in json.load(f)["runs"]] == [
+            f"{m} s{s}" for m in ("darts", "e2rnas", "equal")
+            for s in (0, 1)]
 
 
 @pytest.mark.slow

@@ -8,7 +8,8 @@ import sys
 import numpy as np
 import pytest
 
-from e2rnas_tf.experiments import sweep
+from e2rnas_tf.experiments import pipeline, sweep
+from e2rnas_tf.runs import workdir as workdir_lib
 from tests.conftest import REPO
 
 
@@ -77,6 +78,34 @@ def test_bad_sweep_configs_are_refused(overrides, match, tmp_path):
     with pytest.raises(ValueError, match=match):
         sweep.sweep(_tiny(**overrides), str(tmp_path))
     assert not os.listdir(tmp_path)
+
+
+def test_front_waits_for_another_writer_then_refuses(tmp_path,
+                                                     monkeypatch):
+    # The settings (fakes here) run while another process holds the
+    # workdir; the front, its exports and tables wait for its lock and are
+    # refused after the wait, nothing written.
+    ran = []
+
+    def fake(search_cfg, train_cfg, run_dir, **kwargs):
+        ran.append(os.path.basename(run_dir))
+        return {"search": {"genotype": {}, "genotype_path": "g.json",
+                           "genotype_params_m": 2.0},
+                "train": {"params": 1e5, "macs": 2e7,
+                          "model_path": "m.keras"},
+                "evaluation": {"clean_accuracy": 0.5,
+                               "robust_accuracy": {"pgd": {"2": 0.25}}},
+                "seconds": 1.0}
+
+    monkeypatch.setattr(pipeline, "search_train_evaluate", fake)
+    monkeypatch.setattr(pipeline, "RESULTS_WAIT_SECONDS", 0.3)
+    c = _tiny()
+    with workdir_lib.WorkdirLock(str(tmp_path)):
+        with pytest.raises(workdir_lib.WorkdirBusyError,
+                           match="in use by another e2rnas process"):
+            sweep.sweep(c, str(tmp_path), log=lambda *a: None)
+    assert ran == [name for name, _, _ in sweep.settings(c)]
+    assert sorted(os.listdir(tmp_path)) == []
 
 
 def test_settings_cover_targets_times_objective_sets():

@@ -348,11 +348,6 @@ def reproduce(config, workdir, *, overwrite=False, command="", log=print):
         ``{"records": [...], "summary": {...}, "results_dir": path}``.
     """
     _check(config)
-    return _reproduce(config, workdir, overwrite=overwrite, command=command,
-                      log=log)
-
-
-def _reproduce(config, workdir, *, overwrite, command, log):
     start = time.perf_counter()
     records = []
     runs = [(m, s) for s in config.seeds for m in config.methods]
