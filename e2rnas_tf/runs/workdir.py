@@ -230,14 +230,17 @@ class WorkdirLock:
 
     def release(self):
         """Removes the lock file and releases the lock."""
-        if self._fd is not None:
+        fd, self._fd = self._fd, None
+        # Marked released before the file goes: once it is unlinked a
+        # waiting process can take the path, and this object must not
+        # still say it holds it.
+        if fd is not None:
             try:
                 os.unlink(self.path)
             except FileNotFoundError:
                 pass
-            fcntl.flock(self._fd, fcntl.LOCK_UN)
-            os.close(self._fd)
-            self._fd = None
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
 
     def __enter__(self):
         return self.acquire()
